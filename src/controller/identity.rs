@@ -1,0 +1,109 @@
+//! AgentIdentity reconciler: Ready (Active, Suspended or Conflict), and what
+//! the agent can see right now, written only when it changed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::evaluate::{IdentityEvaluation, evaluate_identity};
+use super::events::{Transition, publish};
+use super::index::{grants_of_agent, identities_claiming};
+use super::{Context, Error, FIELD_MANAGER};
+use crate::api::conditions::{self, Reason, find_ready};
+use crate::api::{AgentIdentity, AgentIdentityStatus};
+use crate::audit::Decision;
+
+pub(super) const KIND: &str = "AgentIdentity";
+const RESYNC: Duration = Duration::from_secs(600);
+
+pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.stores_ready().await;
+    let started = Instant::now();
+    let namespace = identity.namespace().ok_or(Error::MissingNamespace)?;
+    let name = identity.name_any();
+    let peers: Vec<String> = identities_claiming(
+        &ctx.identities.state(),
+        &namespace,
+        &identity.spec.service_account_name,
+    )
+    .into_iter()
+    .filter(|n| *n != name)
+    .collect();
+    let all_grants = ctx.grants.state();
+    let grants = grants_of_agent(&all_grants, &namespace, &name);
+    let evaluation = evaluate_identity(&identity, &peers, &grants);
+
+    let old = identity.status.clone().unwrap_or_default();
+    let generation = identity.metadata.generation;
+    let desired = AgentIdentityStatus {
+        conditions: vec![conditions::ready(
+            evaluation.ready,
+            evaluation.reason,
+            evaluation.message.clone(),
+            generation,
+            &old.conditions,
+            Timestamp::now(),
+        )],
+        observed_generation: generation,
+        active_grants: evaluation.active_grants,
+        access: evaluation.access.clone(),
+        last_resolved_at: None,
+    };
+    let written = old.conditions != desired.conditions
+        || old.observed_generation != desired.observed_generation
+        || old.active_grants != desired.active_grants
+        || old.access != desired.access;
+    if written {
+        let api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &namespace);
+        // lastResolvedAt belongs to the custody service's field manager.
+        let mut status = serde_json::to_value(&desired)?;
+        if let Some(map) = status.as_object_mut() {
+            map.remove("lastResolvedAt");
+        }
+        let patch = json!({
+            "apiVersion": AgentIdentity::api_version(&()),
+            "kind": KIND,
+            "status": status,
+        });
+        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .await?;
+        let old_reason = find_ready(&old.conditions).map(|c| c.reason.clone());
+        if let Some(t) = transition(&identity, old_reason.as_deref(), &evaluation) {
+            publish(&ctx.recorder, &identity.object_ref(&()), t).await;
+        }
+    }
+    ctx.metrics.reconciled(KIND, written);
+    ctx.metrics
+        .reconcile_seconds
+        .get_or_create(&super::metrics::KindLabel { kind: KIND })
+        .observe(started.elapsed().as_secs_f64());
+    Ok(Action::requeue(RESYNC))
+}
+
+fn transition(
+    identity: &AgentIdentity,
+    old_reason: Option<&str>,
+    e: &IdentityEvaluation,
+) -> Option<Transition> {
+    if old_reason == Some(e.reason.as_str()) {
+        return None;
+    }
+    let namespace = identity.namespace().unwrap_or_default();
+    let mut t = match e.reason {
+        Reason::Suspended => Transition::new("IdentitySuspended", Decision::Denied, &namespace, e.message.clone()),
+        Reason::Conflict => Transition::new("IdentityConflict", Decision::Denied, &namespace, e.message.clone()),
+        Reason::Active if old_reason.is_some() => {
+            Transition::new("IdentityReady", Decision::Allowed, &namespace, e.message.clone())
+        }
+        _ => return None,
+    };
+    t.audit.reason = Some(e.reason.as_str().to_owned());
+    t.audit.agent = Some(identity.name_any());
+    t.audit.service_account = Some(identity.spec.service_account_name.clone());
+    Some(t)
+}

@@ -1,0 +1,156 @@
+//! The controller: reconciles SecretGrants and AgentIdentities.
+//!
+//! Both controllers read shared reflector stores. Each watch stream updates
+//! its store *before* it triggers anything, and cross-kind triggers are sent
+//! from those same streams, so a reconcile never reads a store that is older
+//! than the event that woke it (which separate `watches()` streams would not
+//! guarantee).
+
+pub mod evaluate;
+pub mod events;
+mod grant;
+pub mod http;
+mod identity;
+pub mod index;
+pub mod metrics;
+mod streams;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::Client;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
+
+use crate::api::{AgentIdentity, SecretGrant};
+use crate::secrets::{SecretCache, SecretCacheError};
+
+pub use metrics::Metrics;
+
+/// Server-side-apply field manager of everything the controller writes.
+pub const FIELD_MANAGER: &str = "scopehold-controller";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Secret(#[from] SecretCacheError),
+    #[error("object has no namespace")]
+    MissingNamespace,
+    #[error("encoding status: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Settings of one controller process.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// Only this namespace is watched; all namespaces when `None`.
+    pub namespace: Option<String>,
+    /// Instance name in Events (`reportingInstance`), usually the pod name.
+    pub instance: Option<String>,
+}
+
+/// Shared state of the reconcilers.
+pub struct Context {
+    pub client: Client,
+    pub grants: Store<SecretGrant>,
+    pub identities: Store<AgentIdentity>,
+    pub secrets: Arc<SecretCache>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Context {
+    /// Waits until both stores hold a full list: a grant evaluated against a
+    /// half-filled identity store would wrongly report AgentNotFound.
+    pub async fn stores_ready(&self) {
+        let _ = self.grants.wait_until_ready().await;
+        let _ = self.identities.wait_until_ready().await;
+    }
+}
+
+fn error_policy<K>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    let kind = K::kind(&());
+    tracing::warn!(%error, %kind, name = obj.meta().name.as_deref().unwrap_or(""), "reconcile failed; retrying");
+    ctx.metrics.failed(if kind == grant::KIND { grant::KIND } else { identity::KIND });
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// Runs both controllers and the Secret watch until a shutdown signal.
+/// `ready` is set once both stores hold their first full list.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    secrets: Arc<SecretCache>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let (grant_store, grant_writer) = reflector::store::<SecretGrant>();
+    let (identity_store, identity_writer) = reflector::store::<AgentIdentity>();
+    let (grant_tx, grant_rx) = futures::channel::mpsc::unbounded();
+    let (identity_tx, identity_rx) = futures::channel::mpsc::unbounded();
+    let namespace = settings.namespace.as_deref();
+    let wc = watcher::Config::default();
+
+    let grant_stream = streams::grants(
+        &client,
+        namespace,
+        wc.clone(),
+        grant_writer,
+        grant_store.clone(),
+        secrets.clone(),
+        identity_tx.clone(),
+    );
+    let identity_stream = streams::identities(
+        &client,
+        namespace,
+        wc.clone(),
+        identity_writer,
+        identity_store.clone(),
+        grant_store.clone(),
+        identity_tx,
+        grant_tx.clone(),
+    );
+    let secret_watch = streams::secrets(client.clone(), namespace.map(str::to_owned), wc, grant_store.clone(), secrets.clone(), grant_tx);
+
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.to_owned(),
+        instance: settings.instance.clone(),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        grants: grant_store.clone(),
+        identities: identity_store.clone(),
+        secrets,
+        recorder: Recorder::new(client, reporter),
+        metrics,
+    });
+
+    let grants = Controller::for_stream(grant_stream, grant_store.clone())
+        .reconcile_on(grant_rx)
+        .shutdown_on_signal()
+        .run(grant::reconcile, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let identities = Controller::for_stream(identity_stream, identity_store.clone())
+        .reconcile_on(identity_rx)
+        .shutdown_on_signal()
+        .run(identity::reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()));
+    let readiness = async move {
+        if grant_store.wait_until_ready().await.is_ok() && identity_store.wait_until_ready().await.is_ok() {
+            ready.store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::info!("caches synced; reconciling");
+        }
+    };
+    tokio::select! {
+        _ = futures::future::join3(grants, identities, readiness) => {}
+        _ = secret_watch => {}
+    }
+}

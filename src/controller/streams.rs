@@ -1,0 +1,209 @@
+//! Watch streams that feed the stores and send cross-kind triggers.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::channel::mpsc::UnboundedSender;
+use futures::{Stream, StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
+use kube::runtime::watcher::{self, Event, watcher};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use super::index::{grants_for_agents, grants_for_secret, identities_claiming, secret_is_referenced};
+use crate::api::{AgentIdentity, SecretGrant};
+use crate::secrets::{CachedSecret, SecretCache};
+
+/// Watches `K` as untyped objects and converts each one, so that a single
+/// malformed object is reported and skipped instead of failing the whole list
+/// (which would stall the controller for every other object).
+fn typed_watch<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    wc: watcher::Config,
+) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug + Send + 'static,
+{
+    let ar = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    watcher(api, wc).default_backoff().filter_map(|item| {
+        futures::future::ready(match item {
+            Ok(event) => typed_event::<K>(event).map(Ok),
+            Err(error) => Some(Err(error)),
+        })
+    })
+}
+
+fn typed_event<K>(event: Event<DynamicObject>) -> Option<Event<K>>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+{
+    let parse = |object: DynamicObject| {
+        let (namespace, name) = (object.namespace(), object.name_any());
+        match object.try_parse::<K>() {
+            Ok(typed) => Some(typed),
+            Err(error) => {
+                tracing::warn!(
+                    kind = %K::kind(&()),
+                    namespace = namespace.as_deref().unwrap_or(""),
+                    name,
+                    %error,
+                    "skipping malformed object"
+                );
+                None
+            }
+        }
+    };
+    match event {
+        Event::Apply(o) => parse(o).map(Event::Apply),
+        Event::InitApply(o) => parse(o).map(Event::InitApply),
+        Event::Delete(o) => parse(o).map(Event::Delete),
+        Event::Init => Some(Event::Init),
+        Event::InitDone => Some(Event::InitDone),
+    }
+}
+
+/// SecretGrants: fill the grant store; tell the identity controller about
+/// every grant change (its access list); prune unreferenced Secrets.
+pub(super) fn grants(
+    client: &Client,
+    namespace: Option<&str>,
+    wc: watcher::Config,
+    writer: Writer<SecretGrant>,
+    store: Store<SecretGrant>,
+    secrets: Arc<SecretCache>,
+    identity_tx: UnboundedSender<ObjectRef<AgentIdentity>>,
+) -> impl Stream<Item = Result<SecretGrant, watcher::Error>> + Send + 'static {
+    typed_watch::<SecretGrant>(client, namespace, wc)
+        .reflect(writer)
+        .inspect_ok(move |event| {
+            let (grant, deleted) = match event {
+                Event::Apply(g) => (g, false),
+                Event::Delete(g) => (g, true),
+                _ => return,
+            };
+            let Some(ns) = grant.namespace() else { return };
+            let _ = identity_tx.unbounded_send(ObjectRef::new(&grant.spec.agent).within(&ns));
+            if deleted && !secret_is_referenced(&store.state(), &ns, &grant.spec.secret_name) {
+                secrets.remove(&ns, &grant.spec.secret_name);
+            }
+        })
+        .touched_objects()
+}
+
+/// AgentIdentities: fill the identity store; re-evaluate identities that claim
+/// the same ServiceAccount (conflicts) and the grants of all of them.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn identities(
+    client: &Client,
+    namespace: Option<&str>,
+    wc: watcher::Config,
+    writer: Writer<AgentIdentity>,
+    store: Store<AgentIdentity>,
+    grant_store: Store<SecretGrant>,
+    identity_tx: UnboundedSender<ObjectRef<AgentIdentity>>,
+    grant_tx: UnboundedSender<ObjectRef<SecretGrant>>,
+) -> impl Stream<Item = Result<AgentIdentity, watcher::Error>> + Send + 'static {
+    // The ServiceAccount each identity claimed last, so that moving an identity
+    // to another ServiceAccount also re-evaluates its former peers.
+    let mut claimed: HashMap<(String, String), String> = HashMap::new();
+    typed_watch::<AgentIdentity>(client, namespace, wc)
+        .reflect(writer)
+        .inspect_ok(move |event| {
+            let (identity, deleted, live) = match event {
+                Event::Apply(i) => (i, false, true),
+                Event::Delete(i) => (i, true, true),
+                // During a (re)list every object is reconciled anyway.
+                Event::InitApply(i) => (i, false, false),
+                _ => return,
+            };
+            let Some(ns) = identity.namespace() else { return };
+            let name = identity.name_any();
+            let sa = identity.spec.service_account_name.clone();
+            let key = (ns.clone(), name.clone());
+            let previous = if deleted { claimed.remove(&key) } else { claimed.insert(key, sa.clone()) };
+            if !live {
+                return;
+            }
+            let mut service_accounts = vec![sa];
+            service_accounts.extend(previous.filter(|p| *p != service_accounts[0]));
+            let identities = store.state();
+            let mut agents: HashSet<String> = HashSet::from([name.clone()]);
+            for sa in &service_accounts {
+                for peer in identities_claiming(&identities, &ns, sa) {
+                    if peer != name {
+                        let _ = identity_tx.unbounded_send(ObjectRef::new(&peer).within(&ns));
+                    }
+                    agents.insert(peer);
+                }
+            }
+            for grant in grants_for_agents(&grant_store.state(), &ns, &agents) {
+                let _ = grant_tx.unbounded_send(grant);
+            }
+        })
+        .touched_objects()
+}
+
+/// Secrets: keep cached (granted) Secrets fresh and re-evaluate the grants
+/// that read a Secret when its data changes, it appears or it disappears.
+/// Secrets nobody grants are looked at and dropped, never kept.
+pub(super) async fn secrets(
+    client: Client,
+    namespace: Option<String>,
+    wc: watcher::Config,
+    grant_store: Store<SecretGrant>,
+    cache: Arc<SecretCache>,
+    grant_tx: UnboundedSender<ObjectRef<SecretGrant>>,
+) {
+    let api: Api<Secret> = match namespace.as_deref() {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let events = watcher(api, wc).default_backoff();
+    let mut events = events.boxed();
+    while let Some(item) = events.next().await {
+        let event = match item {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::warn!(%error, "Secret watch failed; retrying");
+                continue;
+            }
+        };
+        let (secret, live) = match &event {
+            Event::Apply(s) | Event::Delete(s) => (s, true),
+            Event::InitApply(s) => (s, false),
+            _ => continue,
+        };
+        let (Some(ns), Some(name)): (Option<String>, Option<String>) =
+            (secret.metadata.namespace.clone(), secret.metadata.name.clone())
+        else {
+            continue;
+        };
+        let grants = grant_store.state();
+        let changed = if matches!(event, Event::Delete(_)) {
+            let was_cached = cache.contains(&ns, &name);
+            cache.remove(&ns, &name);
+            was_cached || secret_is_referenced(&grants, &ns, &name)
+        } else if cache.contains(&ns, &name) {
+            cache.refresh(secret)
+        } else if secret_is_referenced(&grants, &ns, &name) {
+            cache.upsert(&ns, &name, CachedSecret::from_secret(secret));
+            true
+        } else {
+            false
+        };
+        if live && changed {
+            for grant in grants_for_secret(&grants, &ns, &name) {
+                let _ = grant_tx.unbounded_send(grant);
+            }
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! ScopeHold: scoped, audited, revocable delivery of Secret keys to coding
+//! agents running in Kubernetes pods.
+//!
+//! Module rules: `api` imports nothing of ours; `controller` and `custody`
+//! import `api`, `audit` and `secrets`; `csi` talks to custody only over gRPC.
+
+pub mod api;
+pub mod audit;
+pub mod controller;
+pub mod crdgen;
+pub mod secrets;
+pub mod telemetry;
