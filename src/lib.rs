@@ -8,5 +8,7 @@ pub mod api;
 pub mod audit;
 pub mod controller;
 pub mod crdgen;
+pub mod csi;
+pub mod proto;
 pub mod secrets;
 pub mod telemetry;

@@ -56,8 +56,13 @@ impl CachedSecret {
     /// event wins, as the watch delivers events in order.
     fn is_older_than(&self, other: &CachedSecret) -> bool {
         match (
-            self.resource_version.as_deref().and_then(|v| v.parse::<u64>().ok()),
-            other.resource_version.as_deref().and_then(|v| v.parse::<u64>().ok()),
+            self.resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok()),
+            other
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok()),
         ) {
             (Some(mine), Some(theirs)) => mine < theirs,
             _ => true,
@@ -165,7 +170,9 @@ impl SecretCache {
         let Ok(mut map) = self.entries.write() else {
             return fresh;
         };
-        let entry = map.entry(Self::key(namespace, name)).or_insert_with(|| fresh.clone());
+        let entry = map
+            .entry(Self::key(namespace, name))
+            .or_insert_with(|| fresh.clone());
         if entry.is_older_than(&fresh) {
             *entry = fresh;
         }
@@ -175,7 +182,8 @@ impl SecretCache {
     /// Refreshes an entry from a watch event, only if it is cached already.
     /// Returns whether the cached content changed.
     pub fn refresh(&self, secret: &Secret) -> bool {
-        let (Some(namespace), Some(name)) = (&secret.metadata.namespace, &secret.metadata.name) else {
+        let (Some(namespace), Some(name)) = (&secret.metadata.namespace, &secret.metadata.name)
+        else {
             return false;
         };
         let Some(old) = self.get(namespace, name) else {
@@ -227,9 +235,15 @@ mod tests {
     #[test]
     fn digest_is_order_independent_and_framed() {
         let a = data(&[("a", "bc"), ("b", "")]);
-        assert_eq!(content_digest(&a, ["a", "b"]), content_digest(&a, ["b", "a"]));
+        assert_eq!(
+            content_digest(&a, ["a", "b"]),
+            content_digest(&a, ["b", "a"])
+        );
         let shifted = data(&[("a", "b"), ("b", "c")]);
-        assert_ne!(content_digest(&a, ["a", "b"]), content_digest(&shifted, ["a", "b"]));
+        assert_ne!(
+            content_digest(&a, ["a", "b"]),
+            content_digest(&shifted, ["a", "b"])
+        );
     }
 
     #[test]
@@ -250,10 +264,21 @@ mod tests {
     #[test]
     fn upsert_keeps_the_newest_resource_version() {
         let cache = SecretCache::default();
-        let newer = CachedSecret { resource_version: Some("20".into()), uid: None, data: data(&[("k", "new")]) };
-        let older = CachedSecret { resource_version: Some("10".into()), uid: None, data: data(&[("k", "old")]) };
+        let newer = CachedSecret {
+            resource_version: Some("20".into()),
+            uid: None,
+            data: data(&[("k", "new")]),
+        };
+        let older = CachedSecret {
+            resource_version: Some("10".into()),
+            uid: None,
+            data: data(&[("k", "old")]),
+        };
         cache.upsert("ns", "s", newer.clone());
         cache.upsert("ns", "s", older);
-        assert_eq!(cache.get("ns", "s").map(|s| s.data.clone()), Some(newer.data));
+        assert_eq!(
+            cache.get("ns", "s").map(|s| s.data.clone()),
+            Some(newer.data)
+        );
     }
 }

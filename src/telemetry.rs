@@ -14,8 +14,9 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default filter.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,kube=warn,tower=warn,hyper=warn,h2=warn,rustls=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,kube=warn,tower=warn,hyper=warn,h2=warn,rustls=warn")
+    });
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Json => registry

@@ -85,7 +85,14 @@ mod tests {
         let t0 = Timestamp::from_second(1_000).unwrap_or(Timestamp::UNIX_EPOCH);
         let t1 = Timestamp::from_second(2_000).unwrap_or(Timestamp::UNIX_EPOCH);
         let first = ready(true, Reason::Active, "ok".into(), Some(1), &[], t0);
-        let again = ready(true, Reason::Active, "ok".into(), Some(1), &[first.clone()], t1);
+        let again = ready(
+            true,
+            Reason::Active,
+            "ok".into(),
+            Some(1),
+            std::slice::from_ref(&first),
+            t1,
+        );
         assert_eq!(first, again);
         let flipped = ready(false, Reason::Revoked, "no".into(), Some(2), &[again], t1);
         assert_eq!(flipped.last_transition_time, Time(t1));

@@ -86,7 +86,17 @@ mod tests {
 
     #[test]
     fn rejects_what_the_schema_rejects() {
-        for bad in ["", "h", "8", "8d", "1.5h", "-1h", "8 h", "8H", "1234567890s"] {
+        for bad in [
+            "",
+            "h",
+            "8",
+            "8d",
+            "1.5h",
+            "-1h",
+            "8 h",
+            "8H",
+            "1234567890s",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }

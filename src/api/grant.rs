@@ -1,12 +1,18 @@
 //! `SecretGrant`: one agent may read these keys of this Secret, for this long,
 //! for this reason.
 
+// Each printcolumn(...) repeats `type_ = ...`; clippy reads them as one
+// attribute list and reports duplicates that are not.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::duration::DURATION_PATTERN;
-use super::validation::{FILE_NAME_CEL, FILE_NAME_CEL_MESSAGE, FILE_NAME_PATTERN, SECRET_KEY_PATTERN};
+use super::validation::{
+    FILE_NAME_CEL, FILE_NAME_CEL_MESSAGE, FILE_NAME_PATTERN, SECRET_KEY_PATTERN,
+};
 
 /// Grants one AgentIdentity read access to some keys of one Secret in the same
 /// namespace. Pods of that agent receive the keys as files in a CSI volume.
@@ -25,8 +31,12 @@ use super::validation::{FILE_NAME_CEL, FILE_NAME_CEL_MESSAGE, FILE_NAME_PATTERN,
     printcolumn(name = "Secret", type_ = "string", json_path = ".spec.secretName"),
     printcolumn(name = "Keys", type_ = "string", json_path = ".spec.keys[*].key"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("!(has(self.ttl) && has(self.expiresAt))").message("set at most one of ttl and expiresAt"))]
 #[serde(rename_all = "camelCase")]

@@ -1,5 +1,9 @@
 //! `AgentIdentity`: a named coding agent, bound to one ServiceAccount.
 
+// Each printcolumn(...) repeats `type_ = ...`; clippy reads them as one
+// attribute list and reports duplicates that are not.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -19,11 +23,27 @@ use super::duration::DURATION_PATTERN;
     category = "scopehold",
     derive = "PartialEq",
     doc = "A named coding agent bound to one ServiceAccount. Pods running as that ServiceAccount resolve the keys that this agent's SecretGrants name, and nothing else.",
-    printcolumn(name = "ServiceAccount", type_ = "string", json_path = ".spec.serviceAccountName"),
-    printcolumn(name = "Active-Grants", type_ = "integer", json_path = ".status.activeGrants"),
+    printcolumn(
+        name = "ServiceAccount",
+        type_ = "string",
+        json_path = ".spec.serviceAccountName"
+    ),
+    printcolumn(
+        name = "Active-Grants",
+        type_ = "integer",
+        json_path = ".status.activeGrants"
+    ),
     printcolumn(name = "Suspended", type_ = "boolean", json_path = ".spec.suspended"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentIdentitySpec {
@@ -51,7 +71,11 @@ pub struct AgentIdentitySpec {
     /// Upper bound on the lifetime of any grant to this agent, counted from the
     /// grant's creation, such as `8h` or `30m` (units h, m, s). A grant with a
     /// longer ttl, a later expiresAt or no expiry at all expires at this cap.
-    #[serde(default, rename = "maxGrantTTL", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "maxGrantTTL",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub max_grant_ttl: Option<String>,
 }
@@ -79,7 +103,9 @@ pub struct AgentIdentityStatus {
 }
 
 /// One active grant as seen from the agent.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct AccessEntry {
     /// SecretGrant name.

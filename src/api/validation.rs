@@ -73,10 +73,19 @@ mod tests {
     #[test]
     fn rejects_traversal_and_reserved_names() {
         assert_eq!(check_file_name(""), Err(NameError::Empty));
-        assert!(matches!(check_file_name("a/b"), Err(NameError::Separator(_))));
-        assert!(matches!(check_file_name("../x"), Err(NameError::Separator(_))));
+        assert!(matches!(
+            check_file_name("a/b"),
+            Err(NameError::Separator(_))
+        ));
+        assert!(matches!(
+            check_file_name("../x"),
+            Err(NameError::Separator(_))
+        ));
         for reserved in [".", "..", "..data", "..x"] {
-            assert!(matches!(check_file_name(reserved), Err(NameError::Reserved(_))));
+            assert!(matches!(
+                check_file_name(reserved),
+                Err(NameError::Reserved(_))
+            ));
         }
         assert!(matches!(
             check_file_name(&"a".repeat(254)),
@@ -90,6 +99,9 @@ mod tests {
             check_secret_key("key with space"),
             Err(NameError::KeyCharacters(_))
         ));
-        assert!(matches!(check_secret_key("ключ"), Err(NameError::KeyCharacters(_))));
+        assert!(matches!(
+            check_secret_key("ключ"),
+            Err(NameError::KeyCharacters(_))
+        ));
     }
 }

@@ -14,7 +14,11 @@ use scopehold::secrets::SecretCache;
 use scopehold::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "scopehold", version, about = "Scoped, audited, revocable secrets for coding agents")]
+#[command(
+    name = "scopehold",
+    version,
+    about = "Scoped, audited, revocable secrets for coding agents"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -86,13 +90,18 @@ async fn main() -> ExitCode {
 
 async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
     telemetry::init(args.log_format);
-    let client = kube::Client::try_default().await.map_err(CliError::Client)?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(CliError::Client)?;
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
     let ready = Arc::new(AtomicBool::new(false));
     let listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
-        .map_err(|source| CliError::Listen { addr: args.metrics_listen, source })?;
+        .map_err(|source| CliError::Listen {
+            addr: args.metrics_listen,
+            source,
+        })?;
     let bound = listener.local_addr().unwrap_or(args.metrics_listen);
     tracing::info!(metrics_addr = %bound, namespace = args.watch_namespace.as_deref(), "controller starting");
     let router = controller::http::router(Arc::new(registry), ready.clone());
@@ -101,8 +110,18 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
             tracing::error!(%error, "metrics server stopped");
         }
     });
-    let settings = Settings { namespace: args.watch_namespace, instance: args.instance };
-    controller::run(client, settings, metrics, Arc::new(SecretCache::default()), ready).await;
+    let settings = Settings {
+        namespace: args.watch_namespace,
+        instance: args.instance,
+    };
+    controller::run(
+        client,
+        settings,
+        metrics,
+        Arc::new(SecretCache::default()),
+        ready,
+    )
+    .await;
     tracing::info!("controller stopped");
     Ok(())
 }

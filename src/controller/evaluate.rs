@@ -44,7 +44,10 @@ impl GrantEvaluation {
 #[derive(Clone, Copy, Debug)]
 pub enum AgentState<'a> {
     Missing,
-    Present { identity: &'a AgentIdentity, conflict: bool },
+    Present {
+        identity: &'a AgentIdentity,
+        conflict: bool,
+    },
 }
 
 /// The Secret as far as the grant is concerned.
@@ -149,19 +152,31 @@ pub fn evaluate_grant(
     };
 
     if grant.spec.revoked {
-        return verdict(GrantPhase::Revoked, Reason::Revoked, "grant is revoked".into());
+        return verdict(
+            GrantPhase::Revoked,
+            Reason::Revoked,
+            "grant is revoked".into(),
+        );
     }
     let mut problems = spec_problems(grant);
     if let Err(e) = &expiry {
         problems.push(e.clone());
     }
     if !problems.is_empty() {
-        return verdict(GrantPhase::Invalid, Reason::InvalidSpec, problems.join("; "));
+        return verdict(
+            GrantPhase::Invalid,
+            Reason::InvalidSpec,
+            problems.join("; "),
+        );
     }
     if let Some(at) = expires_at
         && at <= now
     {
-        return verdict(GrantPhase::Expired, Reason::Expired, format!("grant expired at {at}"));
+        return verdict(
+            GrantPhase::Expired,
+            Reason::Expired,
+            format!("grant expired at {at}"),
+        );
     }
     let agent_name = &grant.spec.agent;
     match agent {
@@ -172,7 +187,10 @@ pub fn evaluate_grant(
                 format!("AgentIdentity {agent_name:?} does not exist in this namespace"),
             );
         }
-        AgentState::Present { conflict: true, identity } => {
+        AgentState::Present {
+            conflict: true,
+            identity,
+        } => {
             return verdict(
                 GrantPhase::Pending,
                 Reason::Conflict,
@@ -252,14 +270,31 @@ pub fn evaluate_identity(
         (
             false,
             Reason::Conflict,
-            format!("ServiceAccount {sa:?} is also claimed by {}", peers.join(", ")),
+            format!(
+                "ServiceAccount {sa:?} is also claimed by {}",
+                peers.join(", ")
+            ),
         )
     } else if identity.is_suspended() {
-        (false, Reason::Suspended, "agent is suspended: nothing resolves".to_owned())
+        (
+            false,
+            Reason::Suspended,
+            "agent is suspended: nothing resolves".to_owned(),
+        )
     } else {
-        (true, Reason::Active, format!("pods running as {sa:?} are this agent"))
+        (
+            true,
+            Reason::Active,
+            format!("pods running as {sa:?} are this agent"),
+        )
     };
-    IdentityEvaluation { ready, reason, message, active_grants, access }
+    IdentityEvaluation {
+        ready,
+        reason,
+        message,
+        active_grants,
+        access,
+    }
 }
 
 #[cfg(test)]
@@ -280,7 +315,10 @@ mod tests {
                 secret_name: "creds".into(),
                 keys: keys
                     .iter()
-                    .map(|k| GrantedKey { key: (*k).into(), ..Default::default() })
+                    .map(|k| GrantedKey {
+                        key: (*k).into(),
+                        ..Default::default()
+                    })
                     .collect(),
                 ..Default::default()
             },
@@ -292,18 +330,31 @@ mod tests {
     fn identity() -> AgentIdentity {
         AgentIdentity::new(
             "bot",
-            AgentIdentitySpec { service_account_name: "bot-sa".into(), ..Default::default() },
+            AgentIdentitySpec {
+                service_account_name: "bot-sa".into(),
+                ..Default::default()
+            },
         )
     }
 
     fn data(keys: &[&str]) -> BTreeMap<String, SecretBytes> {
-        keys.iter().map(|k| ((*k).to_owned(), SecretBytes(b"v".to_vec()))).collect()
+        keys.iter()
+            .map(|k| ((*k).to_owned(), SecretBytes(b"v".to_vec())))
+            .collect()
     }
 
-    fn eval(g: &SecretGrant, a: &AgentIdentity, d: &BTreeMap<String, SecretBytes>, now: i64) -> GrantEvaluation {
+    fn eval(
+        g: &SecretGrant,
+        a: &AgentIdentity,
+        d: &BTreeMap<String, SecretBytes>,
+        now: i64,
+    ) -> GrantEvaluation {
         evaluate_grant(
             g,
-            AgentState::Present { identity: a, conflict: false },
+            AgentState::Present {
+                identity: a,
+                conflict: false,
+            },
             SecretState::Present(d),
             ts(now),
         )
@@ -324,7 +375,10 @@ mod tests {
         let d = data(&["api"]);
         let before = eval(&g, &identity(), &d, 1_009);
         assert_eq!(before.phase, GrantPhase::Active);
-        assert_eq!(before.requeue_after(ts(1_009)), Some(Duration::from_secs(1)));
+        assert_eq!(
+            before.requeue_after(ts(1_009)),
+            Some(Duration::from_secs(1))
+        );
         assert_eq!(eval(&g, &identity(), &d, 1_010).phase, GrantPhase::Expired);
     }
 
@@ -338,14 +392,20 @@ mod tests {
         assert_eq!(e.expires_at, Some(ts(1_000 + 3600)));
         let mut forever = grant(&["api"]);
         forever.spec.ttl = None;
-        assert_eq!(eval(&forever, &a, &data(&["api"]), 1_001).expires_at, Some(ts(4_600)));
+        assert_eq!(
+            eval(&forever, &a, &data(&["api"]), 1_001).expires_at,
+            Some(ts(4_600))
+        );
     }
 
     #[test]
     fn expires_at_is_truncated_to_seconds() {
         let mut g = grant(&["api"]);
         g.spec.expires_at = Some(Time(ts(2_000) + SignedDuration::from_millis(700)));
-        assert_eq!(eval(&g, &identity(), &data(&["api"]), 1_001).expires_at, Some(ts(2_000)));
+        assert_eq!(
+            eval(&g, &identity(), &data(&["api"]), 1_001).expires_at,
+            Some(ts(2_000))
+        );
     }
 
     #[test]
@@ -362,27 +422,42 @@ mod tests {
         let g = grant(&["api", "other"]);
         let a = identity();
         let missing_key = eval(&g, &a, &data(&["api"]), 1_001);
-        assert_eq!((missing_key.phase, missing_key.reason), (GrantPhase::Invalid, Reason::KeyNotFound));
+        assert_eq!(
+            (missing_key.phase, missing_key.reason),
+            (GrantPhase::Invalid, Reason::KeyNotFound)
+        );
         assert!(missing_key.message.contains("other"));
         let no_secret = evaluate_grant(
             &g,
-            AgentState::Present { identity: &a, conflict: false },
+            AgentState::Present {
+                identity: &a,
+                conflict: false,
+            },
             SecretState::Missing,
             ts(1_001),
         );
         assert_eq!(no_secret.reason, Reason::SecretNotFound);
         let no_agent = evaluate_grant(&g, AgentState::Missing, SecretState::Missing, ts(1_001));
-        assert_eq!((no_agent.phase, no_agent.reason), (GrantPhase::Pending, Reason::AgentNotFound));
+        assert_eq!(
+            (no_agent.phase, no_agent.reason),
+            (GrantPhase::Pending, Reason::AgentNotFound)
+        );
         let conflict = evaluate_grant(
             &g,
-            AgentState::Present { identity: &a, conflict: true },
+            AgentState::Present {
+                identity: &a,
+                conflict: true,
+            },
             SecretState::Present(&data(&["api", "other"])),
             ts(1_001),
         );
         assert_eq!(conflict.reason, Reason::Conflict);
         let mut suspended = identity();
         suspended.spec.suspended = true;
-        assert_eq!(eval(&g, &suspended, &data(&["api", "other"]), 1_001).reason, Reason::AgentSuspended);
+        assert_eq!(
+            eval(&g, &suspended, &data(&["api", "other"]), 1_001).reason,
+            Reason::AgentSuspended
+        );
     }
 
     #[test]
@@ -390,7 +465,10 @@ mod tests {
         let mut g = grant(&["a", "b"]);
         g.spec.keys[1].path = Some("a".into());
         let e = eval(&g, &identity(), &data(&["a", "b"]), 1_001);
-        assert_eq!((e.phase, e.reason), (GrantPhase::Invalid, Reason::InvalidSpec));
+        assert_eq!(
+            (e.phase, e.reason),
+            (GrantPhase::Invalid, Reason::InvalidSpec)
+        );
         assert!(e.message.contains("two keys map to the file"));
         let mut bad = grant(&["../x"]);
         bad.spec.ttl = Some("3 days".into());
@@ -403,16 +481,28 @@ mod tests {
     fn identity_access_lists_active_grants_sorted() {
         let mut g1 = grant(&["api"]);
         g1.metadata.name = Some("zeta".into());
-        g1.status = Some(crate::api::SecretGrantStatus { phase: Some(GrantPhase::Active), ..Default::default() });
+        g1.status = Some(crate::api::SecretGrantStatus {
+            phase: Some(GrantPhase::Active),
+            ..Default::default()
+        });
         let mut g2 = g1.clone();
         g2.metadata.name = Some("alpha".into());
         let mut g3 = g1.clone();
         g3.metadata.name = Some("revoked".into());
-        g3.status = Some(crate::api::SecretGrantStatus { phase: Some(GrantPhase::Revoked), ..Default::default() });
+        g3.status = Some(crate::api::SecretGrantStatus {
+            phase: Some(GrantPhase::Revoked),
+            ..Default::default()
+        });
         let e = evaluate_identity(&identity(), &[], &[&g1, &g2, &g3]);
         assert!(e.ready);
         assert_eq!(e.active_grants, 2);
-        assert_eq!(e.access.iter().map(|a| a.grant.as_str()).collect::<Vec<_>>(), ["alpha", "zeta"]);
+        assert_eq!(
+            e.access
+                .iter()
+                .map(|a| a.grant.as_str())
+                .collect::<Vec<_>>(),
+            ["alpha", "zeta"]
+        );
         let c = evaluate_identity(&identity(), &["other".into()], &[]);
         assert_eq!((c.ready, c.reason), (false, Reason::Conflict));
     }

@@ -34,7 +34,11 @@ pub async fn publish(recorder: &Recorder, regarding: &ObjectReference, t: Transi
     audit.message = Some(t.note.clone());
     audit.emit();
     let event = Event {
-        type_: if t.warning { EventType::Warning } else { EventType::Normal },
+        type_: if t.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         reason: t.reason.to_owned(),
         note: Some(truncate(&t.note, 1000)),
         action: "Reconcile".to_owned(),

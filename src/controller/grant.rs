@@ -32,11 +32,18 @@ pub async fn reconcile(grant: Arc<SecretGrant>, ctx: Arc<Context>) -> Result<Act
     ctx.stores_ready().await;
     let started = Instant::now();
     let namespace = grant.namespace().ok_or(Error::MissingNamespace)?;
+    tracing::debug!(grant = %grant.name_any(), %namespace, "reconciling");
     let identity = ctx
         .identities
         .get(&ObjectRef::new(&grant.spec.agent).within(&namespace));
     let conflict = identity.as_ref().is_some_and(|i| {
-        identities_claiming(&ctx.identities.state(), &namespace, &i.spec.service_account_name).len() > 1
+        identities_claiming(
+            &ctx.identities.state(),
+            &namespace,
+            &i.spec.service_account_name,
+        )
+        .len()
+            > 1
     });
     let secret = ctx
         .secrets
@@ -134,7 +141,12 @@ fn transitions(
             GrantPhase::Invalid => ("GrantInvalid", Decision::Denied),
             GrantPhase::Pending => ("GrantPending", Decision::Denied),
         };
-        out.push(Transition::new(reason, decision, &namespace, e.message.clone()));
+        out.push(Transition::new(
+            reason,
+            decision,
+            &namespace,
+            e.message.clone(),
+        ));
     }
     if let (Some(before), Some(after)) = (&old.content_digest, &e.content_digest)
         && before != after

@@ -70,8 +70,12 @@ pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Resul
             "kind": KIND,
             "status": status,
         });
-        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-            .await?;
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
         let old_reason = find_ready(&old.conditions).map(|c| c.reason.clone());
         if let Some(t) = transition(&identity, old_reason.as_deref(), &evaluation) {
             publish(&ctx.recorder, &identity.object_ref(&()), t).await;
@@ -95,11 +99,24 @@ fn transition(
     }
     let namespace = identity.namespace().unwrap_or_default();
     let mut t = match e.reason {
-        Reason::Suspended => Transition::new("IdentitySuspended", Decision::Denied, &namespace, e.message.clone()),
-        Reason::Conflict => Transition::new("IdentityConflict", Decision::Denied, &namespace, e.message.clone()),
-        Reason::Active if old_reason.is_some() => {
-            Transition::new("IdentityReady", Decision::Allowed, &namespace, e.message.clone())
-        }
+        Reason::Suspended => Transition::new(
+            "IdentitySuspended",
+            Decision::Denied,
+            &namespace,
+            e.message.clone(),
+        ),
+        Reason::Conflict => Transition::new(
+            "IdentityConflict",
+            Decision::Denied,
+            &namespace,
+            e.message.clone(),
+        ),
+        Reason::Active if old_reason.is_some() => Transition::new(
+            "IdentityReady",
+            Decision::Allowed,
+            &namespace,
+            e.message.clone(),
+        ),
         _ => return None,
     };
     t.audit.reason = Some(e.reason.as_str().to_owned());

@@ -36,7 +36,9 @@ pub fn identities_claiming(
 ) -> Vec<String> {
     let mut names: Vec<String> = identities
         .iter()
-        .filter(|i| i.namespace().as_deref() == Some(namespace) && i.spec.service_account_name == sa)
+        .filter(|i| {
+            i.namespace().as_deref() == Some(namespace) && i.spec.service_account_name == sa
+        })
         .map(|i| i.name_any())
         .collect();
     names.sort();
@@ -80,7 +82,10 @@ mod tests {
             SecretGrantSpec {
                 agent: agent.into(),
                 secret_name: secret.into(),
-                keys: vec![GrantedKey { key: "k".into(), ..Default::default() }],
+                keys: vec![GrantedKey {
+                    key: "k".into(),
+                    ..Default::default()
+                }],
                 ..Default::default()
             },
         );
@@ -91,7 +96,10 @@ mod tests {
     fn identity(ns: &str, name: &str, sa: &str) -> Arc<AgentIdentity> {
         let mut i = AgentIdentity::new(
             name,
-            AgentIdentitySpec { service_account_name: sa.into(), ..Default::default() },
+            AgentIdentitySpec {
+                service_account_name: sa.into(),
+                ..Default::default()
+            },
         );
         i.metadata.namespace = Some(ns.into());
         Arc::new(i)
@@ -99,26 +107,44 @@ mod tests {
 
     #[test]
     fn secret_lookups_stay_in_their_namespace() {
-        let grants = vec![grant("a", "g1", "bot", "s"), grant("b", "g2", "bot", "s"), grant("a", "g3", "bot", "t")];
+        let grants = vec![
+            grant("a", "g1", "bot", "s"),
+            grant("b", "g2", "bot", "s"),
+            grant("a", "g3", "bot", "t"),
+        ];
         let hits = grants_for_secret(&grants, "a", "s");
-        assert_eq!(hits.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["g1"]);
+        assert_eq!(
+            hits.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            ["g1"]
+        );
         assert!(secret_is_referenced(&grants, "b", "s"));
         assert!(!secret_is_referenced(&grants, "b", "t"));
     }
 
     #[test]
     fn claimants_of_a_service_account() {
-        let ids = vec![identity("a", "x", "sa"), identity("a", "y", "sa"), identity("b", "z", "sa")];
+        let ids = vec![
+            identity("a", "x", "sa"),
+            identity("a", "y", "sa"),
+            identity("b", "z", "sa"),
+        ];
         assert_eq!(identities_claiming(&ids, "a", "sa"), ["x", "y"]);
         assert!(identities_claiming(&ids, "a", "other").is_empty());
     }
 
     #[test]
     fn grants_by_agent() {
-        let grants = vec![grant("a", "g1", "x", "s"), grant("a", "g2", "y", "s"), grant("b", "g3", "x", "s")];
+        let grants = vec![
+            grant("a", "g1", "x", "s"),
+            grant("a", "g2", "y", "s"),
+            grant("b", "g3", "x", "s"),
+        ];
         let agents: HashSet<String> = ["x".to_owned()].into();
         let hits = grants_for_agents(&grants, "a", &agents);
-        assert_eq!(hits.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["g1"]);
+        assert_eq!(
+            hits.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            ["g1"]
+        );
         assert_eq!(grants_of_agent(&grants, "a", "y").len(), 1);
     }
 }

@@ -35,26 +35,45 @@ impl Metrics {
             }),
             events_published: Family::default(),
         };
-        registry.register("scopehold_reconciles", "Reconciles by kind and outcome", m.reconciles.clone());
-        registry.register("scopehold_status_writes", "Status writes to the API server", m.status_writes.clone());
+        registry.register(
+            "scopehold_reconciles",
+            "Reconciles by kind and outcome",
+            m.reconciles.clone(),
+        );
+        registry.register(
+            "scopehold_status_writes",
+            "Status writes to the API server",
+            m.status_writes.clone(),
+        );
         registry.register(
             "scopehold_reconcile_duration_seconds",
             "Time spent in one reconcile",
             m.reconcile_seconds.clone(),
         );
-        registry.register("scopehold_events_published", "Kubernetes Events published", m.events_published.clone());
+        registry.register(
+            "scopehold_events_published",
+            "Kubernetes Events published",
+            m.events_published.clone(),
+        );
         m
     }
 
     pub fn reconciled(&self, kind: &'static str, written: bool) {
         let outcome = if written { "written" } else { "unchanged" };
-        self.reconciles.get_or_create(&OutcomeLabels { kind, outcome }).inc();
+        self.reconciles
+            .get_or_create(&OutcomeLabels { kind, outcome })
+            .inc();
         if written {
             self.status_writes.get_or_create(&KindLabel { kind }).inc();
         }
     }
 
     pub fn failed(&self, kind: &'static str) {
-        self.reconciles.get_or_create(&OutcomeLabels { kind, outcome: "error" }).inc();
+        self.reconciles
+            .get_or_create(&OutcomeLabels {
+                kind,
+                outcome: "error",
+            })
+            .inc();
     }
 }

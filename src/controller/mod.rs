@@ -62,14 +62,19 @@ pub struct Context {
     pub secrets: Arc<SecretCache>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Becomes true once both stores hold a full list. A tokio watch, not
+    /// `Store::wait_until_ready`: the latter keeps only the last waiter's
+    /// waker, so a second waiter (ours beside the applier's, or concurrent
+    /// reconciles) can sleep forever.
+    stores_synced: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Context {
     /// Waits until both stores hold a full list: a grant evaluated against a
     /// half-filled identity store would wrongly report AgentNotFound.
     pub async fn stores_ready(&self) {
-        let _ = self.grants.wait_until_ready().await;
-        let _ = self.identities.wait_until_ready().await;
+        let mut synced = self.stores_synced.clone();
+        let _ = synced.wait_for(|synced| *synced).await;
     }
 }
 
@@ -79,7 +84,11 @@ where
 {
     let kind = K::kind(&());
     tracing::warn!(%error, %kind, name = obj.meta().name.as_deref().unwrap_or(""), "reconcile failed; retrying");
-    ctx.metrics.failed(if kind == grant::KIND { grant::KIND } else { identity::KIND });
+    ctx.metrics.failed(if kind == grant::KIND {
+        grant::KIND
+    } else {
+        identity::KIND
+    });
     Action::requeue(Duration::from_secs(2))
 }
 
@@ -98,6 +107,9 @@ pub async fn run(
     let (identity_tx, identity_rx) = futures::channel::mpsc::unbounded();
     let namespace = settings.namespace.as_deref();
     let wc = watcher::Config::default();
+    let sync = streams::SyncTracker::new();
+    let stores_synced = sync.subscribe();
+    let synced_rx = sync.subscribe();
 
     let grant_stream = streams::grants(
         &client,
@@ -107,6 +119,7 @@ pub async fn run(
         grant_store.clone(),
         secrets.clone(),
         identity_tx.clone(),
+        sync.clone(),
     );
     let identity_stream = streams::identities(
         &client,
@@ -117,8 +130,16 @@ pub async fn run(
         grant_store.clone(),
         identity_tx,
         grant_tx.clone(),
+        sync,
     );
-    let secret_watch = streams::secrets(client.clone(), namespace.map(str::to_owned), wc, grant_store.clone(), secrets.clone(), grant_tx);
+    let secret_watch = streams::secrets(
+        client.clone(),
+        namespace.map(str::to_owned),
+        wc,
+        grant_store.clone(),
+        secrets.clone(),
+        grant_tx,
+    );
 
     let reporter = Reporter {
         controller: FIELD_MANAGER.to_owned(),
@@ -131,6 +152,7 @@ pub async fn run(
         secrets,
         recorder: Recorder::new(client, reporter),
         metrics,
+        stores_synced,
     });
 
     let grants = Controller::for_stream(grant_stream, grant_store.clone())
@@ -144,13 +166,17 @@ pub async fn run(
         .run(identity::reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
     let readiness = async move {
-        if grant_store.wait_until_ready().await.is_ok() && identity_store.wait_until_ready().await.is_ok() {
+        let mut synced = synced_rx;
+        if synced.wait_for(|synced| *synced).await.is_ok() {
             ready.store(true, std::sync::atomic::Ordering::SeqCst);
             tracing::info!("caches synced; reconciling");
         }
     };
+    tokio::spawn(readiness);
+    // The controllers end on SIGTERM/SIGINT (shutdown_on_signal); the Secret
+    // watch never ends by itself and is dropped with them.
     tokio::select! {
-        _ = futures::future::join3(grants, identities, readiness) => {}
+        _ = futures::future::join(grants, identities) => {}
         _ = secret_watch => {}
     }
 }

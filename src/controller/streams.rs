@@ -8,15 +8,48 @@ use futures::channel::mpsc::UnboundedSender;
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::runtime::watcher::{self, Event, watcher};
-use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use super::index::{grants_for_agents, grants_for_secret, identities_claiming, secret_is_referenced};
+use super::index::{
+    grants_for_agents, grants_for_secret, identities_claiming, secret_is_referenced,
+};
 use crate::api::{AgentIdentity, SecretGrant};
 use crate::secrets::{CachedSecret, SecretCache};
+
+/// Tracks when both the grant and the identity store hold a full list, from
+/// the streams' own `InitDone` events (seen after the store applied them).
+#[derive(Clone)]
+pub(super) struct SyncTracker {
+    grants: Arc<std::sync::atomic::AtomicBool>,
+    identities: Arc<std::sync::atomic::AtomicBool>,
+    tx: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl SyncTracker {
+    pub(super) fn new() -> Self {
+        SyncTracker {
+            grants: Arc::default(),
+            identities: Arc::default(),
+            tx: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
+
+    pub(super) fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+
+    fn mark(&self, flag: &std::sync::atomic::AtomicBool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        flag.store(true, SeqCst);
+        if self.grants.load(SeqCst) && self.identities.load(SeqCst) {
+            self.tx.send_replace(true);
+        }
+    }
+}
 
 /// Watches `K` as untyped objects and converts each one, so that a single
 /// malformed object is reported and skipped instead of failing the whole list
@@ -73,6 +106,7 @@ where
 
 /// SecretGrants: fill the grant store; tell the identity controller about
 /// every grant change (its access list); prune unreferenced Secrets.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn grants(
     client: &Client,
     namespace: Option<&str>,
@@ -81,6 +115,7 @@ pub(super) fn grants(
     store: Store<SecretGrant>,
     secrets: Arc<SecretCache>,
     identity_tx: UnboundedSender<ObjectRef<AgentIdentity>>,
+    sync: SyncTracker,
 ) -> impl Stream<Item = Result<SecretGrant, watcher::Error>> + Send + 'static {
     typed_watch::<SecretGrant>(client, namespace, wc)
         .reflect(writer)
@@ -88,6 +123,7 @@ pub(super) fn grants(
             let (grant, deleted) = match event {
                 Event::Apply(g) => (g, false),
                 Event::Delete(g) => (g, true),
+                Event::InitDone => return sync.mark(&sync.grants),
                 _ => return,
             };
             let Some(ns) = grant.namespace() else { return };
@@ -111,6 +147,7 @@ pub(super) fn identities(
     grant_store: Store<SecretGrant>,
     identity_tx: UnboundedSender<ObjectRef<AgentIdentity>>,
     grant_tx: UnboundedSender<ObjectRef<SecretGrant>>,
+    sync: SyncTracker,
 ) -> impl Stream<Item = Result<AgentIdentity, watcher::Error>> + Send + 'static {
     // The ServiceAccount each identity claimed last, so that moving an identity
     // to another ServiceAccount also re-evaluates its former peers.
@@ -123,13 +160,20 @@ pub(super) fn identities(
                 Event::Delete(i) => (i, true, true),
                 // During a (re)list every object is reconciled anyway.
                 Event::InitApply(i) => (i, false, false),
+                Event::InitDone => return sync.mark(&sync.identities),
                 _ => return,
             };
-            let Some(ns) = identity.namespace() else { return };
+            let Some(ns) = identity.namespace() else {
+                return;
+            };
             let name = identity.name_any();
             let sa = identity.spec.service_account_name.clone();
             let key = (ns.clone(), name.clone());
-            let previous = if deleted { claimed.remove(&key) } else { claimed.insert(key, sa.clone()) };
+            let previous = if deleted {
+                claimed.remove(&key)
+            } else {
+                claimed.insert(key, sa.clone())
+            };
             if !live {
                 return;
             }
@@ -182,9 +226,10 @@ pub(super) async fn secrets(
             Event::InitApply(s) => (s, false),
             _ => continue,
         };
-        let (Some(ns), Some(name)): (Option<String>, Option<String>) =
-            (secret.metadata.namespace.clone(), secret.metadata.name.clone())
-        else {
+        let (Some(ns), Some(name)): (Option<String>, Option<String>) = (
+            secret.metadata.namespace.clone(),
+            secret.metadata.name.clone(),
+        ) else {
             continue;
         };
         let grants = grant_store.state();
