@@ -2,12 +2,16 @@
 //! agents running in Kubernetes pods.
 //!
 //! Module rules: `api` imports nothing of ours; `controller` and `custody`
-//! import `api`, `audit` and `secrets`; `csi` talks to custody only over gRPC.
+//! import `api`, `audit`, `policy` and `secrets`; `csi` talks to custody only
+//! over gRPC.
 
 pub mod api;
 pub mod audit;
+pub mod caches;
 pub mod controller;
 pub mod crdgen;
+pub mod custody;
+pub mod policy;
 pub mod csi;
 pub mod proto;
 pub mod secrets;

@@ -8,9 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use clap::{Parser, Subcommand};
+use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
 use scopehold::controller::{self, Metrics, Settings};
-use scopehold::secrets::SecretCache;
+use scopehold::custody::resolutions::ResolutionLog;
+use scopehold::custody::server::{CustodyService, NodePluginAccount};
+use scopehold::proto::scopehold::v1::custody_server::CustodyServer;
 use scopehold::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
@@ -50,10 +53,38 @@ struct ControllerArgs {
     /// Name of this instance in Events (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// Serve the custody gRPC API on this address (node plugins call it).
+    #[arg(long, env = "SCOPEHOLD_CUSTODY_LISTEN")]
+    custody_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    custody: CustodyArgs,
+}
+
+#[derive(clap::Args)]
+struct CustodyArgs {
+    /// ServiceAccount (NAMESPACE/NAME) of the node plugins: the only caller
+    /// custody answers.
+    #[arg(
+        long,
+        env = "SCOPEHOLD_NODE_SERVICE_ACCOUNT",
+        default_value = "scopehold-system/scopehold-node"
+    )]
+    node_service_account: NodePluginAccount,
+    /// Serve custody without TLS. Development only: values cross the network
+    /// in clear text.
+    #[arg(long, env = "SCOPEHOLD_CUSTODY_PLAINTEXT")]
+    custody_plaintext: bool,
+    /// How often resolution counts are written into statuses.
+    #[arg(long, env = "SCOPEHOLD_STATUS_FLUSH_MS", default_value_t = 1000)]
+    status_flush_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum CliError {
+    #[error(
+        "custody without TLS needs --custody-plaintext (development only); TLS is not built yet"
+    )]
+    CustodyNeedsTls,
     #[error("connecting to Kubernetes: {0}")]
     Client(#[source] kube::Error),
     #[error("listening on {addr}: {source}")]
@@ -114,15 +145,60 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         namespace: args.watch_namespace,
         instance: args.instance,
     };
-    controller::run(
-        client,
-        settings,
-        metrics,
-        Arc::new(SecretCache::default()),
-        ready,
-    )
-    .await;
+    let (caches, writers) = scopehold::caches::new();
+    if let Some(addr) = args.custody_listen {
+        serve_custody(addr, &args.custody, client.clone(), caches.clone()).await?;
+    }
+    controller::run(client, settings, metrics, caches, writers, ready).await;
     tracing::info!("controller stopped");
+    Ok(())
+}
+
+/// Binds the custody listener and serves it in the background.
+async fn serve_custody(
+    addr: SocketAddr,
+    args: &CustodyArgs,
+    client: kube::Client,
+    caches: scopehold::caches::Caches,
+) -> Result<(), CliError> {
+    if !args.custody_plaintext {
+        return Err(CliError::CustodyNeedsTls);
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| CliError::Listen { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(custody_addr = %bound, plaintext = true, "custody serving");
+    let resolutions = Arc::new(ResolutionLog::default());
+    let flush_every = std::time::Duration::from_millis(args.status_flush_ms.max(100));
+    {
+        let (resolutions, client, caches) = (resolutions.clone(), client.clone(), caches.clone());
+        tokio::spawn(async move { resolutions.run(client, caches, flush_every).await });
+    }
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "scopehold-custody".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let service = CustodyService::new(
+        client,
+        caches,
+        recorder,
+        args.node_service_account.clone(),
+        resolutions,
+    );
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(CustodyServer::new(service))
+            .serve_with_incoming(incoming)
+            .await;
+        if let Err(error) = result {
+            tracing::error!(%error, "custody server stopped");
+        }
+    });
     Ok(())
 }
 

@@ -12,13 +12,13 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::evaluate::{AgentState, GrantEvaluation, SecretState, evaluate_grant};
 use super::events::{Transition, publish};
-use super::index::identities_claiming;
 use super::{Context, Error, FIELD_MANAGER};
 use crate::api::conditions;
 use crate::api::{AgentIdentity, GrantPhase, SecretGrant, SecretGrantStatus};
 use crate::audit::Decision;
+use crate::policy::evaluate::{AgentState, GrantEvaluation, SecretState, evaluate_grant};
+use crate::policy::index::identities_claiming;
 
 pub(super) const KIND: &str = "SecretGrant";
 /// A grant without expiry is still looked at this often, as a safety net for
@@ -29,16 +29,17 @@ const RESYNC: Duration = Duration::from_secs(600);
 const EXPIRY_SLACK: Duration = Duration::from_millis(5);
 
 pub async fn reconcile(grant: Arc<SecretGrant>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.stores_ready().await;
+    ctx.caches.synced().await;
     let started = Instant::now();
     let namespace = grant.namespace().ok_or(Error::MissingNamespace)?;
     tracing::debug!(grant = %grant.name_any(), %namespace, "reconciling");
     let identity = ctx
+        .caches
         .identities
         .get(&ObjectRef::new(&grant.spec.agent).within(&namespace));
     let conflict = identity.as_ref().is_some_and(|i| {
         identities_claiming(
-            &ctx.identities.state(),
+            &ctx.caches.identities.state(),
             &namespace,
             &i.spec.service_account_name,
         )
@@ -46,6 +47,7 @@ pub async fn reconcile(grant: Arc<SecretGrant>, ctx: Arc<Context>) -> Result<Act
             > 1
     });
     let secret = ctx
+        .caches
         .secrets
         .get_or_fetch(&ctx.client, &namespace, &grant.spec.secret_name)
         .await?;

@@ -10,31 +10,31 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::evaluate::{IdentityEvaluation, evaluate_identity};
 use super::events::{Transition, publish};
-use super::index::{grants_of_agent, identities_claiming};
 use super::{Context, Error, FIELD_MANAGER};
 use crate::api::conditions::{self, Reason, find_ready};
 use crate::api::{AgentIdentity, AgentIdentityStatus};
 use crate::audit::Decision;
+use crate::policy::evaluate::{IdentityEvaluation, evaluate_identity};
+use crate::policy::index::{grants_of_agent, identities_claiming};
 
 pub(super) const KIND: &str = "AgentIdentity";
 const RESYNC: Duration = Duration::from_secs(600);
 
 pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.stores_ready().await;
+    ctx.caches.synced().await;
     let started = Instant::now();
     let namespace = identity.namespace().ok_or(Error::MissingNamespace)?;
     let name = identity.name_any();
     let peers: Vec<String> = identities_claiming(
-        &ctx.identities.state(),
+        &ctx.caches.identities.state(),
         &namespace,
         &identity.spec.service_account_name,
     )
     .into_iter()
     .filter(|n| *n != name)
     .collect();
-    let all_grants = ctx.grants.state();
+    let all_grants = ctx.caches.grants.state();
     let grants = grants_of_agent(&all_grants, &namespace, &name);
     let evaluation = evaluate_identity(&identity, &peers, &grants);
 

@@ -6,12 +6,10 @@
 //! than the event that woke it (which separate `watches()` streams would not
 //! guarantee).
 
-pub mod evaluate;
 pub mod events;
 mod grant;
 pub mod http;
 mod identity;
-pub mod index;
 pub mod metrics;
 mod streams;
 
@@ -22,11 +20,10 @@ use futures::StreamExt;
 use kube::Client;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 
-use crate::api::{AgentIdentity, SecretGrant};
-use crate::secrets::{SecretCache, SecretCacheError};
+use crate::caches::{CacheWriters, Caches};
+use crate::secrets::SecretCacheError;
 
 pub use metrics::Metrics;
 
@@ -57,25 +54,9 @@ pub struct Settings {
 /// Shared state of the reconcilers.
 pub struct Context {
     pub client: Client,
-    pub grants: Store<SecretGrant>,
-    pub identities: Store<AgentIdentity>,
-    pub secrets: Arc<SecretCache>,
+    pub caches: Caches,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
-    /// Becomes true once both stores hold a full list. A tokio watch, not
-    /// `Store::wait_until_ready`: the latter keeps only the last waiter's
-    /// waker, so a second waiter (ours beside the applier's, or concurrent
-    /// reconciles) can sleep forever.
-    stores_synced: tokio::sync::watch::Receiver<bool>,
-}
-
-impl Context {
-    /// Waits until both stores hold a full list: a grant evaluated against a
-    /// half-filled identity store would wrongly report AgentNotFound.
-    pub async fn stores_ready(&self) {
-        let mut synced = self.stores_synced.clone();
-        let _ = synced.wait_for(|synced| *synced).await;
-    }
 }
 
 fn error_policy<K>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
@@ -98,46 +79,42 @@ pub async fn run(
     client: Client,
     settings: Settings,
     metrics: Arc<Metrics>,
-    secrets: Arc<SecretCache>,
+    caches: Caches,
+    writers: CacheWriters,
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let (grant_store, grant_writer) = reflector::store::<SecretGrant>();
-    let (identity_store, identity_writer) = reflector::store::<AgentIdentity>();
     let (grant_tx, grant_rx) = futures::channel::mpsc::unbounded();
     let (identity_tx, identity_rx) = futures::channel::mpsc::unbounded();
     let namespace = settings.namespace.as_deref();
     let wc = watcher::Config::default();
-    let sync = streams::SyncTracker::new();
-    let stores_synced = sync.subscribe();
-    let synced_rx = sync.subscribe();
 
     let grant_stream = streams::grants(
         &client,
         namespace,
         wc.clone(),
-        grant_writer,
-        grant_store.clone(),
-        secrets.clone(),
+        writers.grants,
+        caches.grants.clone(),
+        caches.secrets.clone(),
         identity_tx.clone(),
-        sync.clone(),
+        writers.sync.clone(),
     );
     let identity_stream = streams::identities(
         &client,
         namespace,
         wc.clone(),
-        identity_writer,
-        identity_store.clone(),
-        grant_store.clone(),
+        writers.identities,
+        caches.identities.clone(),
+        caches.grants.clone(),
         identity_tx,
         grant_tx.clone(),
-        sync,
+        writers.sync,
     );
     let secret_watch = streams::secrets(
         client.clone(),
         namespace.map(str::to_owned),
         wc,
-        grant_store.clone(),
-        secrets.clone(),
+        caches.grants.clone(),
+        caches.secrets.clone(),
         grant_tx,
     );
 
@@ -147,32 +124,26 @@ pub async fn run(
     };
     let ctx = Arc::new(Context {
         client: client.clone(),
-        grants: grant_store.clone(),
-        identities: identity_store.clone(),
-        secrets,
+        caches: caches.clone(),
         recorder: Recorder::new(client, reporter),
         metrics,
-        stores_synced,
     });
 
-    let grants = Controller::for_stream(grant_stream, grant_store.clone())
+    let grants = Controller::for_stream(grant_stream, caches.grants.clone())
         .reconcile_on(grant_rx)
         .shutdown_on_signal()
         .run(grant::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
-    let identities = Controller::for_stream(identity_stream, identity_store.clone())
+    let identities = Controller::for_stream(identity_stream, caches.identities.clone())
         .reconcile_on(identity_rx)
         .shutdown_on_signal()
         .run(identity::reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
-    let readiness = async move {
-        let mut synced = synced_rx;
-        if synced.wait_for(|synced| *synced).await.is_ok() {
-            ready.store(true, std::sync::atomic::Ordering::SeqCst);
-            tracing::info!("caches synced; reconciling");
-        }
-    };
-    tokio::spawn(readiness);
+    tokio::spawn(async move {
+        caches.synced().await;
+        ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!("caches synced; reconciling");
+    });
     // The controllers end on SIGTERM/SIGINT (shutdown_on_signal); the Secret
     // watch never ends by itself and is dropped with them.
     tokio::select! {

@@ -14,42 +14,11 @@ use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use super::index::{
+use crate::api::{AgentIdentity, SecretGrant};
+use crate::policy::index::{
     grants_for_agents, grants_for_secret, identities_claiming, secret_is_referenced,
 };
-use crate::api::{AgentIdentity, SecretGrant};
 use crate::secrets::{CachedSecret, SecretCache};
-
-/// Tracks when both the grant and the identity store hold a full list, from
-/// the streams' own `InitDone` events (seen after the store applied them).
-#[derive(Clone)]
-pub(super) struct SyncTracker {
-    grants: Arc<std::sync::atomic::AtomicBool>,
-    identities: Arc<std::sync::atomic::AtomicBool>,
-    tx: Arc<tokio::sync::watch::Sender<bool>>,
-}
-
-impl SyncTracker {
-    pub(super) fn new() -> Self {
-        SyncTracker {
-            grants: Arc::default(),
-            identities: Arc::default(),
-            tx: Arc::new(tokio::sync::watch::channel(false).0),
-        }
-    }
-
-    pub(super) fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.tx.subscribe()
-    }
-
-    fn mark(&self, flag: &std::sync::atomic::AtomicBool) {
-        use std::sync::atomic::Ordering::SeqCst;
-        flag.store(true, SeqCst);
-        if self.grants.load(SeqCst) && self.identities.load(SeqCst) {
-            self.tx.send_replace(true);
-        }
-    }
-}
 
 /// Watches `K` as untyped objects and converts each one, so that a single
 /// malformed object is reported and skipped instead of failing the whole list
@@ -115,7 +84,7 @@ pub(super) fn grants(
     store: Store<SecretGrant>,
     secrets: Arc<SecretCache>,
     identity_tx: UnboundedSender<ObjectRef<AgentIdentity>>,
-    sync: SyncTracker,
+    sync: crate::caches::SyncTracker,
 ) -> impl Stream<Item = Result<SecretGrant, watcher::Error>> + Send + 'static {
     typed_watch::<SecretGrant>(client, namespace, wc)
         .reflect(writer)
@@ -123,7 +92,7 @@ pub(super) fn grants(
             let (grant, deleted) = match event {
                 Event::Apply(g) => (g, false),
                 Event::Delete(g) => (g, true),
-                Event::InitDone => return sync.mark(&sync.grants),
+                Event::InitDone => return sync.grants_listed(),
                 _ => return,
             };
             let Some(ns) = grant.namespace() else { return };
@@ -147,7 +116,7 @@ pub(super) fn identities(
     grant_store: Store<SecretGrant>,
     identity_tx: UnboundedSender<ObjectRef<AgentIdentity>>,
     grant_tx: UnboundedSender<ObjectRef<SecretGrant>>,
-    sync: SyncTracker,
+    sync: crate::caches::SyncTracker,
 ) -> impl Stream<Item = Result<AgentIdentity, watcher::Error>> + Send + 'static {
     // The ServiceAccount each identity claimed last, so that moving an identity
     // to another ServiceAccount also re-evaluates its former peers.
@@ -160,7 +129,7 @@ pub(super) fn identities(
                 Event::Delete(i) => (i, true, true),
                 // During a (re)list every object is reconciled anyway.
                 Event::InitApply(i) => (i, false, false),
-                Event::InitDone => return sync.mark(&sync.identities),
+                Event::InitDone => return sync.identities_listed(),
                 _ => return,
             };
             let Some(ns) = identity.namespace() else {

@@ -1,0 +1,100 @@
+//! In-memory views of the cluster shared by the controller and the custody
+//! service in one process: grant and identity stores, the granted-Secret cache
+//! and whether the stores hold a full list yet.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+
+use kube::runtime::reflector::{self, Store, store::Writer};
+use tokio::sync::watch;
+
+use crate::api::{AgentIdentity, SecretGrant};
+use crate::secrets::SecretCache;
+
+/// Read side, cheap to clone.
+#[derive(Clone)]
+pub struct Caches {
+    pub grants: Store<SecretGrant>,
+    pub identities: Store<AgentIdentity>,
+    pub secrets: Arc<SecretCache>,
+    synced: watch::Receiver<bool>,
+}
+
+/// Write side, consumed by the watch streams.
+pub struct CacheWriters {
+    pub grants: Writer<SecretGrant>,
+    pub identities: Writer<AgentIdentity>,
+    pub sync: SyncTracker,
+}
+
+/// Creates empty caches and their writers.
+pub fn new() -> (Caches, CacheWriters) {
+    let (grants, grant_writer) = reflector::store::<SecretGrant>();
+    let (identities, identity_writer) = reflector::store::<AgentIdentity>();
+    let sync = SyncTracker::new();
+    let caches = Caches {
+        grants,
+        identities,
+        secrets: Arc::new(SecretCache::default()),
+        synced: sync.subscribe(),
+    };
+    let writers = CacheWriters {
+        grants: grant_writer,
+        identities: identity_writer,
+        sync,
+    };
+    (caches, writers)
+}
+
+impl Caches {
+    /// Waits until both stores hold a full list. A tokio watch, not
+    /// `Store::wait_until_ready`: the latter keeps only the last waiter's
+    /// waker, so a second waiter (ours beside kube's applier, or concurrent
+    /// reconciles) can sleep forever.
+    pub async fn synced(&self) {
+        let mut synced = self.synced.clone();
+        let _ = synced.wait_for(|synced| *synced).await;
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+}
+
+/// Tracks when both stores hold a full list, from the streams' own `InitDone`
+/// events (seen after the store applied them).
+#[derive(Clone)]
+pub struct SyncTracker {
+    grants: Arc<AtomicBool>,
+    identities: Arc<AtomicBool>,
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl SyncTracker {
+    fn new() -> Self {
+        SyncTracker {
+            grants: Arc::default(),
+            identities: Arc::default(),
+            tx: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    fn subscribe(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+
+    pub fn grants_listed(&self) {
+        self.mark(&self.grants);
+    }
+
+    pub fn identities_listed(&self) {
+        self.mark(&self.identities);
+    }
+
+    fn mark(&self, flag: &AtomicBool) {
+        flag.store(true, SeqCst);
+        if self.grants.load(SeqCst) && self.identities.load(SeqCst) {
+            self.tx.send_replace(true);
+        }
+    }
+}

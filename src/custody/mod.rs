@@ -1,0 +1,12 @@
+//! The custody service: verifies a pod's bound ServiceAccount token and hands
+//! out only the keys that the pod's agent is granted right now. It runs in the
+//! controller process (every replica) and is called by the node plugins.
+
+pub mod decide;
+pub mod resolutions;
+pub mod server;
+pub mod token_review;
+
+/// Server-side-apply field manager of the resolution fields in statuses,
+/// distinct from the controller's so that neither removes the other's fields.
+pub const FIELD_MANAGER: &str = "scopehold-custody";

@@ -1,0 +1,497 @@
+//! The custody gRPC service (`scopehold.v1.Custody`).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::Stream;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client, Resource, ResourceExt};
+use tonic::{Request, Response, Status};
+
+use super::decide::{self, Denial, DenyReason, GrantedFile, PodAsk};
+use super::resolutions::ResolutionLog;
+use super::token_review::{self, ReviewError, TokenClaims};
+use crate::api::grant::Resolution;
+use crate::api::{AgentIdentity, SecretGrant, TOKEN_AUDIENCE};
+use crate::audit::{AuditRecord, Decision};
+use crate::caches::Caches;
+use crate::policy::evaluate::{AgentState, GrantEvaluation, SecretState, evaluate_grant};
+use crate::policy::index::grants_of_agent;
+use crate::proto::scopehold::v1 as pb;
+use crate::secrets::SecretBytes;
+
+/// The ServiceAccount the node plugins run as; only it may call custody.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodePluginAccount {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::str::FromStr for NodePluginAccount {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(NodePluginAccount {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                })
+            }
+            _ => Err(format!("expected NAMESPACE/NAME, got {s:?}")),
+        }
+    }
+}
+
+pub struct CustodyService {
+    client: Client,
+    caches: Caches,
+    recorder: Recorder,
+    node_account: NodePluginAccount,
+    resolutions: Arc<ResolutionLog>,
+    request_seq: AtomicU64,
+}
+
+impl CustodyService {
+    pub fn new(
+        client: Client,
+        caches: Caches,
+        recorder: Recorder,
+        node_account: NodePluginAccount,
+        resolutions: Arc<ResolutionLog>,
+    ) -> Self {
+        CustodyService {
+            client,
+            caches,
+            recorder,
+            node_account,
+            resolutions,
+            request_seq: AtomicU64::new(0),
+        }
+    }
+
+    fn request_id(&self, given: &str) -> String {
+        let clean: String = given
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(64)
+            .collect();
+        if !clean.is_empty() {
+            return clean;
+        }
+        let seq = self.request_seq.fetch_add(1, Ordering::Relaxed);
+        format!("c{:x}-{seq}", Timestamp::now().as_nanosecond() as u64)
+    }
+
+    /// Authenticates the calling node plugin and returns its node.
+    async fn authenticate_caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Status::unauthenticated("missing bearer token of the node plugin"))?;
+        let claims = token_review::review(&self.client, token, TOKEN_AUDIENCE)
+            .await
+            .map_err(|e| match e {
+                ReviewError::Api(_) => {
+                    Status::unavailable(format!("verifying the node plugin: {e}"))
+                }
+                other => Status::unauthenticated(format!("node plugin token: {other}")),
+            })?;
+        if claims.namespace != self.node_account.namespace
+            || claims.service_account != self.node_account.name
+        {
+            return Err(Status::permission_denied(format!(
+                "ServiceAccount {}/{} is not the node plugin's",
+                claims.namespace, claims.service_account
+            )));
+        }
+        claims.node_name.ok_or_else(|| {
+            Status::permission_denied("node plugin token is not bound to a pod on a node")
+        })
+    }
+
+    async fn resolve_inner(
+        &self,
+        req: &pb::ResolveRequest,
+        node: &str,
+        request_id: &str,
+    ) -> Result<pb::ResolveResponse, Refusal> {
+        for (field, value) in [
+            ("pod_namespace", &req.pod_namespace),
+            ("pod_name", &req.pod_name),
+            ("pod_uid", &req.pod_uid),
+            ("pod_token", &req.pod_token),
+        ] {
+            if value.is_empty() {
+                return Err(Refusal::Invalid(format!("{field} is required")));
+            }
+        }
+        if !req.node_name.is_empty() && req.node_name != node {
+            return Err(Refusal::denied(
+                DenyReason::WrongNode,
+                format!(
+                    "request names node {:?} but the caller runs on {node:?}",
+                    req.node_name
+                ),
+            ));
+        }
+        if !self.caches.is_synced() {
+            return Err(Refusal::Unavailable(
+                "custody caches are not synced yet".into(),
+            ));
+        }
+        let claims: TokenClaims =
+            token_review::review(&self.client, &req.pod_token, TOKEN_AUDIENCE)
+                .await
+                .map_err(|e| match e {
+                    ReviewError::Api(_) => {
+                        Refusal::Unavailable(format!("verifying the pod token: {e}"))
+                    }
+                    other => Refusal::denied(DenyReason::TokenRejected, other.to_string()),
+                })?;
+        let ask = PodAsk {
+            namespace: &req.pod_namespace,
+            name: &req.pod_name,
+            uid: &req.pod_uid,
+            service_account: &req.service_account_name,
+        };
+        decide::check_pod_claims(&claims, &ask, node).map_err(Refusal::Denied)?;
+        self.check_pod_object(&claims, node).await?;
+
+        let identities = self.caches.identities.state();
+        let identity =
+            decide::select_identity(&identities, &claims.namespace, &claims.service_account)
+                .map_err(Refusal::Denied)?;
+        let agent = identity.name_any();
+        let all_grants = self.caches.grants.state();
+        let mut evaluated = Vec::new();
+        let mut secrets: BTreeMap<String, Arc<crate::secrets::CachedSecret>> = BTreeMap::new();
+        let now = Timestamp::now();
+        for grant in grants_of_agent(&all_grants, &claims.namespace, &agent) {
+            let secret = self
+                .caches
+                .secrets
+                .get_or_fetch(&self.client, &claims.namespace, &grant.spec.secret_name)
+                .await
+                .map_err(|e| Refusal::Unavailable(e.to_string()))?;
+            let evaluation = evaluate_grant(
+                grant,
+                AgentState::Present {
+                    identity: &identity,
+                    conflict: false,
+                },
+                secret
+                    .as_ref()
+                    .map_or(SecretState::Missing, |s| SecretState::Present(&s.data)),
+                now,
+            );
+            if let Some(s) = secret {
+                secrets.insert(grant.spec.secret_name.clone(), s);
+            }
+            evaluated.push((Arc::new(grant.clone()), evaluation));
+        }
+        let chosen = decide::select_grants(evaluated, &req.grants, &agent)
+            .map_err(|d| Refusal::DeniedFor(d, Some(identity.clone())))?;
+
+        let mut response = pb::ResolveResponse {
+            agent: agent.clone(),
+            grants: Vec::new(),
+            refresh_after_seconds: 0,
+        };
+        let mut earliest_expiry: Option<Timestamp> = None;
+        for (grant, evaluation) in &chosen {
+            let data = secrets
+                .get(&grant.spec.secret_name)
+                .map(|s| s.data.clone())
+                .unwrap_or_default();
+            let files = decide::files_for(grant, &data, req.fs_group);
+            if let Some(at) = evaluation.expires_at {
+                earliest_expiry = Some(earliest_expiry.map_or(at, |e: Timestamp| e.min(at)));
+            }
+            response.grants.push(to_proto(grant, evaluation, files));
+            self.audit_resolved(grant, evaluation, &identity, req, node, request_id);
+        }
+        response.refresh_after_seconds = earliest_expiry
+            .map(|at| u32::try_from(at.duration_since(now).as_secs().max(0)).unwrap_or(u32::MAX))
+            .unwrap_or(0);
+        Ok(response)
+    }
+
+    /// The token review is cached by the API server for a few seconds, so a
+    /// deleted pod's token still passes; the Pod object itself must exist with
+    /// the same UID, ServiceAccount and node.
+    async fn check_pod_object(&self, claims: &TokenClaims, node: &str) -> Result<(), Refusal> {
+        let name = claims.pod_name.as_deref().unwrap_or_default();
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &claims.namespace);
+        let pod = api
+            .get_opt(name)
+            .await
+            .map_err(|e| Refusal::Unavailable(format!("reading the pod: {e}")))?
+            .ok_or_else(|| {
+                Refusal::denied(
+                    DenyReason::PodNotFound,
+                    format!("pod {name:?} does not exist"),
+                )
+            })?;
+        if pod.metadata.uid.as_deref() != claims.pod_uid.as_deref() {
+            return Err(Refusal::denied(
+                DenyReason::PodNotFound,
+                format!("pod {name:?} was replaced (UID differs)"),
+            ));
+        }
+        let spec = pod.spec.unwrap_or_default();
+        let pod_node = spec.node_name.unwrap_or_default();
+        if pod_node != node {
+            return Err(Refusal::denied(
+                DenyReason::WrongNode,
+                format!("pod {name:?} runs on node {pod_node:?}, not on the calling node {node:?}"),
+            ));
+        }
+        let pod_sa = spec
+            .service_account_name
+            .unwrap_or_else(|| "default".to_owned());
+        if pod_sa != claims.service_account {
+            return Err(Refusal::denied(
+                DenyReason::TokenMismatch,
+                "pod runs as another ServiceAccount",
+            ));
+        }
+        Ok(())
+    }
+
+    fn audit_resolved(
+        &self,
+        grant: &SecretGrant,
+        evaluation: &GrantEvaluation,
+        identity: &AgentIdentity,
+        req: &pb::ResolveRequest,
+        node: &str,
+        request_id: &str,
+    ) {
+        let namespace = req.pod_namespace.clone();
+        let mut record = AuditRecord::new("SecretResolved", Decision::Allowed, &namespace);
+        record.reason = Some("Granted".into());
+        record.agent = Some(identity.name_any());
+        record.service_account = Some(identity.spec.service_account_name.clone());
+        record.pod = Some(req.pod_name.clone());
+        record.pod_uid = Some(req.pod_uid.clone());
+        record.node = Some(node.to_owned());
+        record.grant = Some(grant.name_any());
+        record.secret = Some(grant.spec.secret_name.clone());
+        record.keys = grant.key_names();
+        record.content_digest = evaluation.content_digest.clone();
+        record.request_id = Some(request_id.to_owned());
+        record.emit();
+        let now = Time(Timestamp::now());
+        self.resolutions.record(
+            &namespace,
+            &grant.name_any(),
+            &identity.name_any(),
+            Resolution {
+                pod: req.pod_name.clone(),
+                pod_uid: Some(req.pod_uid.clone()),
+                node: Some(node.to_owned()),
+                time: now,
+                digest: evaluation.content_digest.clone(),
+            },
+        );
+        let note = format!(
+            "pod {} on node {node} received keys {} (digest {})",
+            req.pod_name,
+            grant.key_names().join(","),
+            evaluation.content_digest.as_deref().unwrap_or("-")
+        );
+        self.publish_event(
+            "SecretResolved",
+            EventType::Normal,
+            note,
+            grant.object_ref(&()),
+            pod_reference(req),
+        );
+    }
+
+    fn audit_denied(
+        &self,
+        denial: &Denial,
+        identity: Option<&AgentIdentity>,
+        req: &pb::ResolveRequest,
+        node: &str,
+        request_id: &str,
+    ) {
+        let mut record = AuditRecord::new("AccessDenied", Decision::Denied, &req.pod_namespace);
+        record.reason = Some(denial.reason.as_str().to_owned());
+        record.agent = identity.map(|i| i.name_any());
+        record.service_account = identity
+            .map(|i| i.spec.service_account_name.clone())
+            .or_else(|| {
+                (!req.service_account_name.is_empty()).then(|| req.service_account_name.clone())
+            });
+        record.pod = Some(req.pod_name.clone());
+        record.pod_uid = Some(req.pod_uid.clone());
+        record.node = Some(node.to_owned());
+        record.grant = (!req.grants.is_empty()).then(|| req.grants.join(","));
+        record.request_id = Some(request_id.to_owned());
+        record.message = Some(denial.message.clone());
+        record.emit();
+        let note = format!("{}: {}", denial.reason.as_str(), denial.message);
+        let regarding = match identity {
+            Some(i) => i.object_ref(&()),
+            None => pod_reference(req),
+        };
+        self.publish_event(
+            "AccessDenied",
+            EventType::Warning,
+            note,
+            regarding,
+            pod_reference(req),
+        );
+    }
+
+    /// Events are published in the background: the mount must not wait on them.
+    fn publish_event(
+        &self,
+        reason: &str,
+        type_: EventType,
+        note: String,
+        regarding: ObjectReference,
+        related: ObjectReference,
+    ) {
+        let recorder = self.recorder.clone();
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Resolve".to_owned(),
+            secondary: Some(related),
+        };
+        tokio::spawn(async move {
+            if let Err(error) = recorder.publish(&event, &regarding).await {
+                tracing::warn!(reason = %event.reason, %error, "publishing Event failed");
+            }
+        });
+    }
+}
+
+fn pod_reference(req: &pb::ResolveRequest) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        namespace: Some(req.pod_namespace.clone()),
+        name: Some(req.pod_name.clone()),
+        uid: Some(req.pod_uid.clone()),
+        ..Default::default()
+    }
+}
+
+fn to_proto(
+    grant: &SecretGrant,
+    evaluation: &GrantEvaluation,
+    files: Vec<GrantedFile>,
+) -> pb::ResolvedGrant {
+    pb::ResolvedGrant {
+        grant: grant.name_any(),
+        secret: grant.spec.secret_name.clone(),
+        content_digest: evaluation.content_digest.clone().unwrap_or_default(),
+        expires_at: evaluation.expires_at.map(|t| prost_types::Timestamp {
+            seconds: t.as_second(),
+            nanos: 0,
+        }),
+        files: files
+            .into_iter()
+            .map(|f| {
+                let SecretBytes(content) = f.content;
+                pb::File {
+                    path: f.path,
+                    key: f.key,
+                    mode: f.mode,
+                    content,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Why a Resolve call did not succeed, before it becomes a gRPC status.
+enum Refusal {
+    Invalid(String),
+    Unavailable(String),
+    Denied(Denial),
+    DeniedFor(Denial, Option<Arc<AgentIdentity>>),
+}
+
+impl Refusal {
+    fn denied(reason: DenyReason, message: impl Into<String>) -> Self {
+        Refusal::Denied(Denial::new(reason, message))
+    }
+}
+
+type InvalidationStream =
+    Pin<Box<dyn Stream<Item = Result<pb::Invalidation, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::custody_server::Custody for CustodyService {
+    async fn resolve(
+        &self,
+        request: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::ResolveResponse>, Status> {
+        let node = self.authenticate_caller(&request).await?;
+        let req = request.into_inner();
+        let request_id = self.request_id(&req.request_id);
+        match self.resolve_inner(&req, &node, &request_id).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(Refusal::Invalid(message)) => Err(Status::invalid_argument(message)),
+            Err(Refusal::Unavailable(message)) => Err(Status::unavailable(message)),
+            Err(Refusal::Denied(denial)) => {
+                // The identity, when there is one, is the natural subject of
+                // the denial Event (kubectl describe agentidentity shows it).
+                let identities = self.caches.identities.state();
+                let identity = identities
+                    .iter()
+                    .find(|i| {
+                        i.namespace().as_deref() == Some(req.pod_namespace.as_str())
+                            && !req.service_account_name.is_empty()
+                            && i.spec.service_account_name == req.service_account_name
+                    })
+                    .cloned();
+                self.audit_denied(&denial, identity.as_deref(), &req, &node, &request_id);
+                Err(denial_status(&denial))
+            }
+            Err(Refusal::DeniedFor(denial, identity)) => {
+                self.audit_denied(&denial, identity.as_deref(), &req, &node, &request_id);
+                Err(denial_status(&denial))
+            }
+        }
+    }
+
+    type WatchInvalidationsStream = InvalidationStream;
+
+    async fn watch_invalidations(
+        &self,
+        _request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchInvalidationsStream>, Status> {
+        Err(Status::unimplemented(
+            "invalidation streaming is not served yet",
+        ))
+    }
+}
+
+fn denial_status(denial: &Denial) -> Status {
+    let message = format!("{}: {}", denial.reason.as_str(), denial.message);
+    match denial.reason {
+        DenyReason::TokenRejected => Status::unauthenticated(message),
+        _ => Status::permission_denied(message),
+    }
+}
+
+/// Looks up an identity by name, for callers outside this module.
+pub fn identity_ref(namespace: &str, name: &str) -> ObjectRef<AgentIdentity> {
+    ObjectRef::new(name).within(namespace)
+}

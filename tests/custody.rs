@@ -1,0 +1,653 @@
+//! The custody service against a real kube-apiserver, called the way the node
+//! plugin calls it: real Pods, real bound tokens from the TokenRequest API, a
+//! real TokenReview. Every denial is checked for its gRPC code, its audit line
+//! and its AccessDenied Event.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
+    install_crds, pod_token, server, test_namespace, wait_for_desc,
+};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::{Client, ResourceExt};
+use scopehold::api::{
+    AgentIdentity, AgentIdentitySpec, GrantPhase, GrantedKey, SecretGrant, SecretGrantSpec,
+};
+use scopehold::proto::scopehold::v1::custody_client::CustodyClient;
+use scopehold::proto::scopehold::v1::{ResolveRequest, ResolveResponse};
+use serde_json::json;
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Fixture {
+    client: Client,
+    ns: String,
+    node: String,
+    controller: ControllerProcess,
+    custody: String,
+    plugin_token: String,
+}
+
+struct AgentPod {
+    name: String,
+    uid: String,
+    sa: String,
+    token: String,
+}
+
+impl Fixture {
+    async fn new(prefix: &str) -> Self {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = test_namespace(&client, prefix).await;
+        let node = format!("{ns}-node-a");
+        create_node(&client, &node).await;
+        create_service_account(&client, &ns, "node-plugin").await;
+        let plugin = create_pod(&client, &ns, "node-plugin", "node-plugin", &node).await;
+        let plugin_token = pod_token(
+            &client,
+            &ns,
+            "node-plugin",
+            "node-plugin",
+            &plugin.uid().unwrap(),
+            AUDIENCE,
+            3600,
+        )
+        .await;
+        let controller = ControllerProcess::start(
+            &ns,
+            &[
+                "--custody-listen",
+                "127.0.0.1:0",
+                "--custody-plaintext",
+                "--node-service-account",
+                &format!("{ns}/node-plugin"),
+                "--status-flush-ms",
+                "200",
+            ],
+        );
+        let line = controller
+            .wait_for_log(|l| l.contains("custody_addr"), WAIT)
+            .await;
+        let custody = serde_json::from_str::<serde_json::Value>(&line).unwrap()["custody_addr"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        controller
+            .wait_for_log(|l| l.contains("caches synced"), WAIT)
+            .await;
+        Fixture {
+            client,
+            ns,
+            node,
+            controller,
+            custody,
+            plugin_token,
+        }
+    }
+
+    async fn secret(&self, ns: &str, name: &str, data: &[(&str, &str)]) {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            string_data: Some(
+                data.iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        Api::<Secret>::namespaced(self.client.clone(), ns)
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+
+    async fn identity(&self, name: &str, sa: &str, suspended: bool) {
+        create_service_account(&self.client, &self.ns, sa).await;
+        let spec = AgentIdentitySpec {
+            service_account_name: sa.into(),
+            suspended,
+            ..Default::default()
+        };
+        Api::<AgentIdentity>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &AgentIdentity::new(name, spec))
+            .await
+            .unwrap();
+    }
+
+    async fn grant(
+        &self,
+        name: &str,
+        agent: &str,
+        secret: &str,
+        keys: Vec<GrantedKey>,
+        edit: impl FnOnce(&mut SecretGrantSpec),
+    ) {
+        let mut spec = SecretGrantSpec {
+            agent: agent.into(),
+            secret_name: secret.into(),
+            keys,
+            ..Default::default()
+        };
+        edit(&mut spec);
+        Api::<SecretGrant>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &SecretGrant::new(name, spec))
+            .await
+            .unwrap();
+    }
+
+    async fn await_phase(&self, grant: &str, phase: GrantPhase) {
+        let api: Api<SecretGrant> = Api::namespaced(self.client.clone(), &self.ns);
+        wait_for_desc(&format!("{grant} {phase}"), WAIT, async || {
+            (api.get(grant).await.ok()?.phase() == Some(phase)).then_some(())
+        })
+        .await;
+    }
+
+    async fn pod(&self, name: &str, sa: &str, node: &str) -> AgentPod {
+        let pod = create_pod(&self.client, &self.ns, name, sa, node).await;
+        let uid = pod.uid().unwrap();
+        let token = pod_token(&self.client, &self.ns, sa, name, &uid, AUDIENCE, 3600).await;
+        AgentPod {
+            name: name.into(),
+            uid,
+            sa: sa.into(),
+            token,
+        }
+    }
+
+    fn request(&self, pod: &AgentPod) -> ResolveRequest {
+        ResolveRequest {
+            request_id: format!("test-{}", pod.name),
+            pod_token: pod.token.clone(),
+            pod_namespace: self.ns.clone(),
+            pod_name: pod.name.clone(),
+            pod_uid: pod.uid.clone(),
+            service_account_name: pod.sa.clone(),
+            node_name: self.node.clone(),
+            volume_id: format!("csi-{}", pod.uid),
+            grants: vec![],
+            fs_group: Some(2000),
+        }
+    }
+
+    async fn call(
+        &self,
+        req: ResolveRequest,
+        bearer: Option<&str>,
+    ) -> Result<ResolveResponse, tonic::Status> {
+        let mut client = CustodyClient::connect(format!("http://{}", self.custody))
+            .await
+            .unwrap();
+        let mut request = tonic::Request::new(req);
+        if let Some(token) = bearer {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        client
+            .resolve(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn resolve(&self, req: ResolveRequest) -> Result<ResolveResponse, tonic::Status> {
+        self.call(req, Some(&self.plugin_token.clone())).await
+    }
+
+    /// Expects a refusal with `code` whose message names `reason`, an
+    /// AccessDenied audit line with that reason, and an AccessDenied Event.
+    async fn expect_denied(&self, req: ResolveRequest, code: Code, reason: &str) -> tonic::Status {
+        let request_id = req.request_id.clone();
+        let status = self.resolve(req).await.expect_err("must be refused");
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(
+            status.message().contains(reason),
+            "{reason} not in {:?}",
+            status.message()
+        );
+        let line = wait_for_desc(
+            &format!("AccessDenied audit line {request_id}"),
+            WAIT,
+            async || {
+                self.controller
+                    .audit_lines()
+                    .into_iter()
+                    .find(|l| l["event"] == "AccessDenied" && l["requestID"] == request_id.as_str())
+            },
+        )
+        .await;
+        assert_eq!(line["reason"], reason, "{line}");
+        assert_eq!(line["decision"], "denied");
+        status
+    }
+
+    async fn events(&self, reason: &str) -> Vec<K8sEvent> {
+        let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), &self.ns);
+        api.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .collect()
+    }
+}
+
+fn key(key: &str) -> GrantedKey {
+    GrantedKey {
+        key: key.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn resolves_only_the_granted_keys() {
+    let f = Fixture::new("custody-ok").await;
+    f.secret(
+        &f.ns,
+        "supabase",
+        &[
+            ("service-key", "custody-value-1"),
+            ("url", "https://db"),
+            ("admin", "never-out"),
+        ],
+    )
+    .await;
+    f.secret(&f.ns, "github", &[("token", "custody-value-2")])
+        .await;
+    f.identity("bot", "bot-sa", false).await;
+    f.grant(
+        "db",
+        "bot",
+        "supabase",
+        vec![
+            GrantedKey {
+                key: "service-key".into(),
+                path: Some("supabase-key".into()),
+                mode: Some(0o400),
+            },
+            key("url"),
+        ],
+        |s| s.ttl = Some("1h".into()),
+    )
+    .await;
+    f.grant("gh", "bot", "github", vec![key("token")], |_| {})
+        .await;
+    f.await_phase("db", GrantPhase::Active).await;
+    f.await_phase("gh", GrantPhase::Active).await;
+    let pod = f.pod("agent", "bot-sa", &f.node.clone()).await;
+
+    let response = f.resolve(f.request(&pod)).await.expect("resolved");
+    assert_eq!(response.agent, "bot");
+    let mut files: Vec<(String, String, u32, Vec<u8>)> = response
+        .grants
+        .iter()
+        .flat_map(|g| {
+            g.files
+                .iter()
+                .map(move |f| (g.grant.clone(), f.path.clone(), f.mode, f.content.clone()))
+        })
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        vec![
+            (
+                "db".into(),
+                "supabase-key".into(),
+                0o400,
+                b"custody-value-1".to_vec()
+            ),
+            ("db".into(), "url".into(), 0o440, b"https://db".to_vec()),
+            (
+                "gh".into(),
+                "token".into(),
+                0o440,
+                b"custody-value-2".to_vec()
+            ),
+        ]
+    );
+    let db = response.grants.iter().find(|g| g.grant == "db").unwrap();
+    assert_eq!(db.content_digest.len(), 12);
+    assert!(db.expires_at.is_some());
+    assert!(response.refresh_after_seconds > 3000);
+
+    // Narrowed to one grant.
+    let mut narrowed = f.request(&pod);
+    narrowed.grants = vec!["gh".into()];
+    let only = f.resolve(narrowed).await.expect("narrowed");
+    assert_eq!(
+        only.grants
+            .iter()
+            .map(|g| g.grant.as_str())
+            .collect::<Vec<_>>(),
+        ["gh"]
+    );
+
+    // Audit line, Event regarding the grant related to the pod, batched status.
+    let line = f
+        .controller
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["event"] == "SecretResolved" && l["grant"] == "db")
+        .expect("SecretResolved line");
+    for (field, value) in [
+        ("pod", "agent"),
+        ("agent", "bot"),
+        ("serviceAccount", "bot-sa"),
+        ("secret", "supabase"),
+        ("keys", "service-key,url"),
+    ] {
+        assert_eq!(line[field], value, "{line}");
+    }
+    assert_eq!(line["podUID"], pod.uid.as_str());
+    assert_eq!(line["node"], f.node.as_str());
+    wait_for_desc("SecretResolved Event", WAIT, async || {
+        f.events("SecretResolved").await.into_iter().find(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("db")
+                && e.related.as_ref().and_then(|r| r.name.as_deref()) == Some("agent")
+        })
+    })
+    .await;
+    let grants: Api<SecretGrant> = Api::namespaced(f.client.clone(), &f.ns);
+    wait_for_desc("resolution status", WAIT, async || {
+        let s = grants.get("gh").await.ok()?.status?;
+        (s.resolutions == Some(2)
+            && s.recent_resolutions.len() == 2
+            && s.recent_resolutions[0].pod == "agent"
+            && s.last_resolved_at.is_some())
+        .then_some(())
+    })
+    .await;
+    let identities: Api<AgentIdentity> = Api::namespaced(f.client.clone(), &f.ns);
+    wait_for_desc("identity lastResolvedAt", WAIT, async || {
+        identities.get("bot").await.ok()?.status?.last_resolved_at
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn refuses_callers_that_are_not_the_node_plugin() {
+    let f = Fixture::new("custody-caller").await;
+    f.identity("bot", "bot-sa", false).await;
+    let pod = f.pod("agent", "bot-sa", &f.node.clone()).await;
+    let none = f.call(f.request(&pod), None).await.expect_err("no token");
+    assert_eq!(none.code(), Code::Unauthenticated);
+    let agent_as_caller = f
+        .call(f.request(&pod), Some(&pod.token))
+        .await
+        .expect_err("agent token");
+    assert_eq!(agent_as_caller.code(), Code::PermissionDenied);
+    let garbage = f
+        .call(f.request(&pod), Some("not-a-token"))
+        .await
+        .expect_err("garbage");
+    assert_eq!(garbage.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn denials_are_refused_audited_and_recorded() {
+    let f = Fixture::new("custody-deny").await;
+    f.secret(&f.ns, "creds", &[("api", "deny-value")]).await;
+    f.identity("bot", "bot-sa", false).await;
+    f.identity("sleepy", "sleepy-sa", true).await;
+    f.identity("late", "late-sa", false).await;
+    f.identity("gone", "gone-sa", false).await;
+    f.grant("bot-grant", "bot", "creds", vec![key("api")], |_| {})
+        .await;
+    f.grant("sleepy-grant", "sleepy", "creds", vec![key("api")], |_| {})
+        .await;
+    let soon = Timestamp::from_second(Timestamp::now().as_second() + 2).unwrap();
+    f.grant("late-grant", "late", "creds", vec![key("api")], |s| {
+        s.expires_at = Some(Time(soon))
+    })
+    .await;
+    f.grant("gone-grant", "gone", "creds", vec![key("api")], |s| {
+        s.revoked = true
+    })
+    .await;
+    f.await_phase("bot-grant", GrantPhase::Active).await;
+    let node = f.node.clone();
+
+    // No AgentIdentity for the pod's ServiceAccount.
+    create_service_account(&f.client, &f.ns, "stranger").await;
+    let stranger = f.pod("stranger", "stranger", &node).await;
+    f.expect_denied(
+        f.request(&stranger),
+        Code::PermissionDenied,
+        "NoAgentIdentity",
+    )
+    .await;
+
+    // Suspended agent.
+    let sleepy = f.pod("sleepy", "sleepy-sa", &node).await;
+    f.expect_denied(f.request(&sleepy), Code::PermissionDenied, "AgentSuspended")
+        .await;
+
+    // Expired and revoked grants.
+    let late = f.pod("late", "late-sa", &node).await;
+    f.await_phase("late-grant", GrantPhase::Expired).await;
+    f.expect_denied(f.request(&late), Code::PermissionDenied, "NoActiveGrants")
+        .await;
+    let gone = f.pod("gone", "gone-sa", &node).await;
+    f.expect_denied(f.request(&gone), Code::PermissionDenied, "NoActiveGrants")
+        .await;
+
+    // A token of another pod, with this pod's details.
+    let bot = f.pod("bot", "bot-sa", &node).await;
+    let twin = f.pod("bot-twin", "bot-sa", &node).await;
+    let mut stolen = f.request(&bot);
+    stolen.pod_token = twin.token.clone();
+    f.expect_denied(stolen, Code::PermissionDenied, "TokenMismatch")
+        .await;
+
+    // Pod details in the volume attributes that contradict the token.
+    let mut forged_uid = f.request(&bot);
+    forged_uid.pod_uid = twin.uid.clone();
+    forged_uid.request_id = "forged-uid".into();
+    f.expect_denied(forged_uid, Code::PermissionDenied, "TokenMismatch")
+        .await;
+    let mut forged_sa = f.request(&bot);
+    forged_sa.service_account_name = "sleepy-sa".into();
+    forged_sa.request_id = "forged-sa".into();
+    f.expect_denied(forged_sa, Code::PermissionDenied, "TokenMismatch")
+        .await;
+
+    // A token for another audience.
+    let mut other_audience = f.request(&bot);
+    other_audience.pod_token =
+        pod_token(&f.client, &f.ns, "bot-sa", "bot", &bot.uid, "vault", 3600).await;
+    other_audience.request_id = "other-audience".into();
+    f.expect_denied(other_audience, Code::Unauthenticated, "TokenRejected")
+        .await;
+
+    // An expired token, signed by the cluster's real issuer key.
+    let mut expired = f.request(&bot);
+    expired.pod_token = expired_token(&f.ns, "bot-sa", &bot);
+    expired.request_id = "expired".into();
+    let status = f
+        .expect_denied(expired, Code::Unauthenticated, "TokenRejected")
+        .await;
+    assert!(status.message().contains("expired"), "{}", status.message());
+
+    // A pod on another node than the calling plugin.
+    let elsewhere_node = format!("{}-node-b", f.ns);
+    create_node(&f.client, &elsewhere_node).await;
+    let elsewhere = f.pod("elsewhere", "bot-sa", &elsewhere_node).await;
+    f.expect_denied(f.request(&elsewhere), Code::PermissionDenied, "WrongNode")
+        .await;
+
+    // A grant name the agent does not hold.
+    let mut narrowed = f.request(&bot);
+    narrowed.grants = vec!["sleepy-grant".into()];
+    narrowed.request_id = "narrowed".into();
+    f.expect_denied(narrowed, Code::PermissionDenied, "GrantNotHeld")
+        .await;
+
+    // A deleted pod: its token still passes TokenReview for a while (the API
+    // server caches reviews), but custody checks the Pod object.
+    let doomed = f.pod("doomed", "bot-sa", &node).await;
+    assert!(
+        f.resolve(f.request(&doomed)).await.is_ok(),
+        "doomed pod resolves while it exists"
+    );
+    Api::<Pod>::namespaced(f.client.clone(), &f.ns)
+        .delete(
+            "doomed",
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    f.expect_denied(f.request(&doomed), Code::PermissionDenied, "PodNotFound")
+        .await;
+
+    // And the control: the legitimate pod resolves.
+    assert!(f.resolve(f.request(&bot)).await.is_ok());
+
+    // AccessDenied Events regarding the identity, related to the pod.
+    wait_for_desc(
+        "AccessDenied Event for the suspended agent",
+        WAIT,
+        async || {
+            f.events("AccessDenied").await.into_iter().find(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("sleepy")
+                    && e.related.as_ref().and_then(|r| r.name.as_deref()) == Some("sleepy")
+            })
+        },
+    )
+    .await;
+    wait_for_desc(
+        "AccessDenied Event regarding the stranger pod",
+        WAIT,
+        async || {
+            f.events("AccessDenied").await.into_iter().find(|e| {
+                e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Pod")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("stranger")
+            })
+        },
+    )
+    .await;
+}
+
+/// A grant can only name a Secret in its own namespace: a Secret of that name
+/// in another namespace is not found, and a pod in another namespace is not
+/// the agent even with the same ServiceAccount name.
+#[tokio::test]
+async fn no_cross_namespace_access() {
+    let f = Fixture::new("custody-xns").await;
+    let other = test_namespace(&f.client, "custody-xns-other").await;
+    f.secret(&other, "creds", &[("api", "other-namespace-value")])
+        .await;
+    f.identity("bot", "bot-sa", false).await;
+    f.grant("g", "bot", "creds", vec![key("api")], |_| {}).await;
+    f.await_phase("g", GrantPhase::Invalid).await;
+    let pod = f.pod("agent", "bot-sa", &f.node.clone()).await;
+    f.expect_denied(f.request(&pod), Code::PermissionDenied, "NoActiveGrants")
+        .await;
+
+    // Same ServiceAccount name in the other namespace: not this agent.
+    create_service_account(&f.client, &other, "bot-sa").await;
+    let foreign = create_pod(&f.client, &other, "foreign", "bot-sa", &f.node).await;
+    let token = pod_token(
+        &f.client,
+        &other,
+        "bot-sa",
+        "foreign",
+        &foreign.uid().unwrap(),
+        AUDIENCE,
+        3600,
+    )
+    .await;
+    let mut req = f.request(&pod);
+    req.pod_namespace = other.clone();
+    req.pod_name = "foreign".into();
+    req.pod_uid = foreign.uid().unwrap();
+    req.pod_token = token;
+    req.request_id = "foreign".into();
+    f.expect_denied(req, Code::PermissionDenied, "NoAgentIdentity")
+        .await;
+}
+
+/// A service-account JWT that expired a minute ago, signed with the test API
+/// server's real signing key (TokenRequest cannot issue one: its minimum
+/// lifetime is ten minutes).
+fn expired_token(ns: &str, sa: &str, pod: &AgentPod) -> String {
+    let key = std::fs::read(server().dir.join("sa.key")).expect("sa.key");
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&key).expect("rsa key");
+    let now = Timestamp::now();
+    let claims = json!({
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "aud": [AUDIENCE],
+        "iat": (now - SignedDuration::from_secs(3600)).as_second(),
+        "nbf": (now - SignedDuration::from_secs(3600)).as_second(),
+        "exp": (now - SignedDuration::from_secs(60)).as_second(),
+        "kubernetes.io": {
+            "namespace": ns,
+            "serviceaccount": {"name": sa},
+            "pod": {"name": pod.name, "uid": pod.uid},
+        }
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &claims,
+        &key,
+    )
+    .expect("sign")
+}
+
+#[tokio::test]
+async fn no_secret_value_or_token_in_custody_output() {
+    let f = Fixture::new("custody-leak").await;
+    let value = "custody-leak-check-0xC0FFEE";
+    f.secret(&f.ns, "creds", &[("api", value)]).await;
+    f.identity("bot", "bot-sa", false).await;
+    f.grant("g", "bot", "creds", vec![key("api")], |_| {}).await;
+    f.await_phase("g", GrantPhase::Active).await;
+    let pod = f.pod("agent", "bot-sa", &f.node.clone()).await;
+    f.resolve(f.request(&pod)).await.expect("resolved");
+    let mut mismatch = f.request(&pod);
+    mismatch.pod_uid = "00000000-0000-0000-0000-000000000000".into();
+    let _ = f.resolve(mismatch).await;
+    let grants: Api<SecretGrant> = Api::namespaced(f.client.clone(), &f.ns);
+    wait_for_desc("resolution recorded", WAIT, async || {
+        grants.get("g").await.ok()?.status?.resolutions
+    })
+    .await;
+
+    let mut everything = f.controller.logs();
+    let events: Api<K8sEvent> = Api::namespaced(f.client.clone(), &f.ns);
+    everything.push_str(
+        &serde_json::to_string(&events.list(&Default::default()).await.unwrap().items).unwrap(),
+    );
+    everything.push_str(
+        &serde_json::to_string(&grants.list(&Default::default()).await.unwrap().items).unwrap(),
+    );
+    assert!(everything.contains("SecretResolved") && everything.contains("AccessDenied"));
+    for secret in [value, pod.token.as_str(), f.plugin_token.as_str()] {
+        assert!(
+            !everything.contains(secret),
+            "a secret value or token leaked into the output"
+        );
+    }
+    // Tokens are JWTs: no fragment of their signature may appear either.
+    let signature = pod.token.rsplit('.').next().unwrap();
+    assert!(!everything.contains(&signature[..20]));
+}
