@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 
 use kube::runtime::reflector::{self, Store, store::Writer};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::api::{AgentIdentity, SecretGrant};
 use crate::secrets::SecretCache;
@@ -17,8 +17,52 @@ pub struct Caches {
     pub grants: Store<SecretGrant>,
     pub identities: Store<AgentIdentity>,
     pub secrets: Arc<SecretCache>,
+    /// Changes that affect what pods may hold, published by the watch
+    /// streams after the stores applied them; custody streams them to the
+    /// node plugins.
+    pub changes: broadcast::Sender<Change>,
     synced: watch::Receiver<bool>,
 }
+
+/// What kind of change happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    Revoked,
+    Expired,
+    Suspended,
+    Rotated,
+    Deleted,
+    Conflict,
+    Changed,
+}
+
+/// A change that may alter what mounted volumes should hold. Names only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub kind: ChangeKind,
+    pub namespace: String,
+    pub agent: Option<String>,
+    pub grant: Option<String>,
+    pub secret: Option<String>,
+    pub content_digest: Option<String>,
+}
+
+impl Change {
+    pub fn new(kind: ChangeKind, namespace: &str) -> Self {
+        Change {
+            kind,
+            namespace: namespace.to_owned(),
+            agent: None,
+            grant: None,
+            secret: None,
+            content_digest: None,
+        }
+    }
+}
+
+/// Buffered changes per subscriber; one that falls further behind is told to
+/// resynchronise instead.
+const CHANGE_BUFFER: usize = 4096;
 
 /// Write side, consumed by the watch streams.
 pub struct CacheWriters {
@@ -36,6 +80,7 @@ pub fn new() -> (Caches, CacheWriters) {
         grants,
         identities,
         secrets: Arc::new(SecretCache::default()),
+        changes: broadcast::channel(CHANGE_BUFFER).0,
         synced: sync.subscribe(),
     };
     let writers = CacheWriters {
@@ -58,6 +103,11 @@ impl Caches {
 
     pub fn is_synced(&self) -> bool {
         *self.synced.borrow()
+    }
+
+    /// Publishes a change; nobody listening is fine.
+    pub fn publish(&self, change: Change) {
+        let _ = self.changes.send(change);
     }
 }
 

@@ -651,3 +651,168 @@ async fn no_secret_value_or_token_in_custody_output() {
     let signature = pod.token.rsplit('.').next().unwrap();
     assert!(!everything.contains(&signature[..20]));
 }
+
+/// The push path: a node plugin subscribed to invalidations hears of every
+/// change that alters what pods may hold, and of nothing else.
+#[tokio::test]
+async fn invalidations_reach_subscribed_node_plugins() {
+    use scopehold::proto::scopehold::v1::invalidation::Kind;
+    use scopehold::proto::scopehold::v1::{GrantRef, GrantStatesRequest, WatchRequest};
+
+    let f = Fixture::new("custody-push").await;
+    f.secret(&f.ns, "creds", &[("api", "push-value-1"), ("other", "x")])
+        .await;
+    f.identity("bot", "bot-sa", false).await;
+    f.grant("g", "bot", "creds", vec![key("api")], |_| {}).await;
+    f.grant("h", "bot", "creds", vec![key("other")], |_| {})
+        .await;
+    f.await_phase("g", GrantPhase::Active).await;
+    f.await_phase("h", GrantPhase::Active).await;
+
+    let mut client = CustodyClient::connect(format!("http://{}", f.custody))
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(WatchRequest {
+        node_name: f.node.clone(),
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", f.plugin_token).parse().unwrap(),
+    );
+    let mut stream = client
+        .watch_invalidations(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received: Vec<(Kind, String, String)> = Vec::new();
+    expect_push(&mut stream, &mut received, Kind::Resync, "", "").await;
+
+    // A resolution writes status (resolution counts): not a change.
+    let pod = f.pod("agent", "bot-sa", &f.node.clone()).await;
+    f.resolve(f.request(&pod)).await.expect("resolved");
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), stream.message()).await;
+    let quiet = quiet.map(|m| m.ok().flatten().map(|m| (m.kind(), m.agent, m.grant)));
+    assert!(
+        quiet.is_err(),
+        "a status-only update produced an invalidation: {quiet:?}"
+    );
+
+    let grants: Api<SecretGrant> = Api::namespaced(f.client.clone(), &f.ns);
+    let patch = |spec: serde_json::Value| kube::api::Patch::Merge(json!({ "spec": spec }));
+    let pp = kube::api::PatchParams::default();
+    grants
+        .patch("g", &pp, &patch(json!({"revoked": true})))
+        .await
+        .unwrap();
+    let revoked = expect_push(&mut stream, &mut received, Kind::Revoked, "bot", "g").await;
+    assert_eq!(revoked.namespace, f.ns);
+
+    Api::<Secret>::namespaced(f.client.clone(), &f.ns)
+        .patch(
+            "creds",
+            &pp,
+            &kube::api::Patch::Merge(json!({"stringData": {"other": "y"}})),
+        )
+        .await
+        .unwrap();
+    let rotated = expect_push(&mut stream, &mut received, Kind::Rotated, "bot", "h").await;
+    assert_eq!(rotated.secret, "creds");
+
+    let agents: Api<AgentIdentity> = Api::namespaced(f.client.clone(), &f.ns);
+    agents
+        .patch("bot", &pp, &patch(json!({"suspended": true})))
+        .await
+        .unwrap();
+    expect_push(&mut stream, &mut received, Kind::Suspended, "bot", "").await;
+
+    // Grant states, for a plugin without a pod token at hand.
+    let refs = vec![
+        GrantRef {
+            namespace: f.ns.clone(),
+            grant: "g".into(),
+            agent: "bot".into(),
+        },
+        GrantRef {
+            namespace: f.ns.clone(),
+            grant: "h".into(),
+            agent: "bot".into(),
+        },
+        GrantRef {
+            namespace: f.ns.clone(),
+            grant: "h".into(),
+            agent: "someone-else".into(),
+        },
+        GrantRef {
+            namespace: f.ns.clone(),
+            grant: "nope".into(),
+            agent: "bot".into(),
+        },
+    ];
+    let mut request = tonic::Request::new(GrantStatesRequest { grants: refs });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", f.plugin_token).parse().unwrap(),
+    );
+    let states = client
+        .grant_states(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    let summary: Vec<(bool, &str)> = states
+        .iter()
+        .map(|s| (s.active, s.reason.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (false, "Revoked"),
+            (false, "AgentSuspended"),
+            (false, "AgentChanged"),
+            (false, "NotFound")
+        ]
+    );
+
+    // Resume: pods of the agent may hold content again.
+    agents
+        .patch("bot", &pp, &patch(json!({"suspended": false})))
+        .await
+        .unwrap();
+    expect_push(&mut stream, &mut received, Kind::Changed, "bot", "").await;
+    // No plugin token, no stream.
+    let Err(denied) = client
+        .watch_invalidations(tonic::Request::new(WatchRequest::default()))
+        .await
+    else {
+        panic!("a stream without the plugin's token");
+    };
+    assert_eq!(denied.code(), Code::Unauthenticated);
+}
+
+/// Reads invalidations until one matches; duplicates (a Secret change is
+/// announced by the Secret watch and again when the digest lands in the
+/// status) are fine, the node plugin's re-resolution is idempotent.
+async fn expect_push(
+    stream: &mut tonic::Streaming<scopehold::proto::scopehold::v1::Invalidation>,
+    received: &mut Vec<(
+        scopehold::proto::scopehold::v1::invalidation::Kind,
+        String,
+        String,
+    )>,
+    kind: scopehold::proto::scopehold::v1::invalidation::Kind,
+    agent: &str,
+    grant: &str,
+) -> scopehold::proto::scopehold::v1::Invalidation {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no {kind:?} {agent}/{grant} within 5 s; got {received:?}"))
+            .expect("stream ok")
+            .expect("stream open");
+        received.push((m.kind(), m.agent.clone(), m.grant.clone()));
+        if m.kind() == kind && m.agent == agent && m.grant == grant {
+            return m;
+        }
+    }
+}

@@ -191,7 +191,10 @@ async fn serve_custody(
     );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tokio::spawn(async move {
+        // Keepalives find dead node-plugin streams (a node that vanished).
         let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
             .add_service(CustodyServer::new(service))
             .serve_with_incoming(incoming)
             .await;

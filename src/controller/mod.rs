@@ -6,6 +6,7 @@
 //! than the event that woke it (which separate `watches()` streams would not
 //! guarantee).
 
+mod changes;
 pub mod events;
 mod grant;
 pub mod http;
@@ -93,8 +94,7 @@ pub async fn run(
         namespace,
         wc.clone(),
         writers.grants,
-        caches.grants.clone(),
-        caches.secrets.clone(),
+        caches.clone(),
         identity_tx.clone(),
         writers.sync.clone(),
     );
@@ -103,8 +103,7 @@ pub async fn run(
         namespace,
         wc.clone(),
         writers.identities,
-        caches.identities.clone(),
-        caches.grants.clone(),
+        caches.clone(),
         identity_tx,
         grant_tx.clone(),
         writers.sync,
@@ -113,8 +112,7 @@ pub async fn run(
         client.clone(),
         namespace.map(str::to_owned),
         wc,
-        caches.grants.clone(),
-        caches.secrets.clone(),
+        caches.clone(),
         grant_tx,
     );
 

@@ -2,23 +2,24 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
-use std::sync::Arc;
 
 use futures::channel::mpsc::UnboundedSender;
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
+use kube::runtime::reflector::{ObjectRef, store::Writer};
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
+use super::changes::{GrantSnapshot, IdentitySnapshot, grant_change, identity_change};
 use crate::api::{AgentIdentity, SecretGrant};
+use crate::caches::{Caches, Change, ChangeKind, SyncTracker};
 use crate::policy::index::{
     grants_for_agents, grants_for_secret, identities_claiming, secret_is_referenced,
 };
-use crate::secrets::{CachedSecret, SecretCache};
+use crate::secrets::CachedSecret;
 
 /// Watches `K` as untyped objects and converts each one, so that a single
 /// malformed object is reported and skipped instead of failing the whole list
@@ -81,24 +82,49 @@ pub(super) fn grants(
     namespace: Option<&str>,
     wc: watcher::Config,
     writer: Writer<SecretGrant>,
-    store: Store<SecretGrant>,
-    secrets: Arc<SecretCache>,
+    caches: Caches,
     identity_tx: UnboundedSender<ObjectRef<AgentIdentity>>,
-    sync: crate::caches::SyncTracker,
+    sync: SyncTracker,
 ) -> impl Stream<Item = Result<SecretGrant, watcher::Error>> + Send + 'static {
+    let mut seen: HashMap<(String, String), GrantSnapshot> = HashMap::new();
     typed_watch::<SecretGrant>(client, namespace, wc)
         .reflect(writer)
         .inspect_ok(move |event| {
-            let (grant, deleted) = match event {
-                Event::Apply(g) => (g, false),
-                Event::Delete(g) => (g, true),
+            let (grant, deleted, live) = match event {
+                Event::Apply(g) => (g, false, true),
+                Event::Delete(g) => (g, true, true),
+                Event::InitApply(g) => (g, false, false),
                 Event::InitDone => return sync.grants_listed(),
                 _ => return,
             };
             let Some(ns) = grant.namespace() else { return };
+            let key = (ns.clone(), grant.name_any());
+            let snapshot = GrantSnapshot::of(grant);
+            let kind = if deleted {
+                seen.remove(&key);
+                Some(ChangeKind::Deleted)
+            } else {
+                let kind = grant_change(seen.get(&key), &snapshot);
+                seen.insert(key, snapshot);
+                kind
+            };
+            if !live {
+                return;
+            }
+            if let Some(kind) = kind {
+                let mut change = Change::new(kind, &ns);
+                change.agent = Some(grant.spec.agent.clone());
+                change.grant = Some(grant.name_any());
+                change.secret = Some(grant.spec.secret_name.clone());
+                change.content_digest =
+                    grant.status.as_ref().and_then(|s| s.content_digest.clone());
+                caches.publish(change);
+            }
             let _ = identity_tx.unbounded_send(ObjectRef::new(&grant.spec.agent).within(&ns));
-            if deleted && !secret_is_referenced(&store.state(), &ns, &grant.spec.secret_name) {
-                secrets.remove(&ns, &grant.spec.secret_name);
+            if deleted
+                && !secret_is_referenced(&caches.grants.state(), &ns, &grant.spec.secret_name)
+            {
+                caches.secrets.remove(&ns, &grant.spec.secret_name);
             }
         })
         .touched_objects()
@@ -112,15 +138,15 @@ pub(super) fn identities(
     namespace: Option<&str>,
     wc: watcher::Config,
     writer: Writer<AgentIdentity>,
-    store: Store<AgentIdentity>,
-    grant_store: Store<SecretGrant>,
+    caches: Caches,
     identity_tx: UnboundedSender<ObjectRef<AgentIdentity>>,
     grant_tx: UnboundedSender<ObjectRef<SecretGrant>>,
-    sync: crate::caches::SyncTracker,
+    sync: SyncTracker,
 ) -> impl Stream<Item = Result<AgentIdentity, watcher::Error>> + Send + 'static {
-    // The ServiceAccount each identity claimed last, so that moving an identity
-    // to another ServiceAccount also re-evaluates its former peers.
-    let mut claimed: HashMap<(String, String), String> = HashMap::new();
+    // What each identity looked like last (its ServiceAccount among it), so
+    // that moving an identity to another ServiceAccount also re-evaluates its
+    // former peers, and only real changes reach the node plugins.
+    let mut seen: HashMap<(String, String), IdentitySnapshot> = HashMap::new();
     typed_watch::<AgentIdentity>(client, namespace, wc)
         .reflect(writer)
         .inspect_ok(move |event| {
@@ -138,17 +164,23 @@ pub(super) fn identities(
             let name = identity.name_any();
             let sa = identity.spec.service_account_name.clone();
             let key = (ns.clone(), name.clone());
-            let previous = if deleted {
-                claimed.remove(&key)
+            let snapshot = IdentitySnapshot::of(identity);
+            let (previous, kind) = if deleted {
+                (seen.remove(&key), Some(ChangeKind::Deleted))
             } else {
-                claimed.insert(key, sa.clone())
+                let kind = identity_change(seen.get(&key), &snapshot);
+                (seen.insert(key, snapshot), kind)
             };
             if !live {
                 return;
             }
             let mut service_accounts = vec![sa];
-            service_accounts.extend(previous.filter(|p| *p != service_accounts[0]));
-            let identities = store.state();
+            service_accounts.extend(
+                previous
+                    .map(|p| p.service_account)
+                    .filter(|p| *p != service_accounts[0]),
+            );
+            let identities = caches.identities.state();
             let mut agents: HashSet<String> = HashSet::from([name.clone()]);
             for sa in &service_accounts {
                 for peer in identities_claiming(&identities, &ns, sa) {
@@ -158,7 +190,23 @@ pub(super) fn identities(
                     agents.insert(peer);
                 }
             }
-            for grant in grants_for_agents(&grant_store.state(), &ns, &agents) {
+            if let Some(kind) = kind {
+                // Peers are affected too: a new claimant puts them in conflict
+                // (fail closed at once, before any status is written).
+                for agent in &agents {
+                    let peer_kind = if *agent == name {
+                        kind
+                    } else if agents.len() > 1 && !deleted {
+                        ChangeKind::Conflict
+                    } else {
+                        ChangeKind::Changed
+                    };
+                    let mut change = Change::new(peer_kind, &ns);
+                    change.agent = Some(agent.clone());
+                    caches.publish(change);
+                }
+            }
+            for grant in grants_for_agents(&caches.grants.state(), &ns, &agents) {
                 let _ = grant_tx.unbounded_send(grant);
             }
         })
@@ -172,10 +220,10 @@ pub(super) async fn secrets(
     client: Client,
     namespace: Option<String>,
     wc: watcher::Config,
-    grant_store: Store<SecretGrant>,
-    cache: Arc<SecretCache>,
+    caches: Caches,
     grant_tx: UnboundedSender<ObjectRef<SecretGrant>>,
 ) {
+    let (grant_store, cache) = (caches.grants.clone(), caches.secrets.clone());
     let api: Api<Secret> = match namespace.as_deref() {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
@@ -215,8 +263,20 @@ pub(super) async fn secrets(
             false
         };
         if live && changed {
-            for grant in grants_for_secret(&grants, &ns, &name) {
-                let _ = grant_tx.unbounded_send(grant);
+            let kind = if matches!(event, Event::Delete(_)) {
+                ChangeKind::Deleted
+            } else {
+                ChangeKind::Rotated
+            };
+            for grant_ref in grants_for_secret(&grants, &ns, &name) {
+                if let Some(grant) = grant_store.get(&grant_ref) {
+                    let mut change = Change::new(kind, &ns);
+                    change.agent = Some(grant.spec.agent.clone());
+                    change.grant = Some(grant_ref.name.clone());
+                    change.secret = Some(name.clone());
+                    caches.publish(change);
+                }
+                let _ = grant_tx.unbounded_send(grant_ref);
             }
         }
     }

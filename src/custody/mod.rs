@@ -3,6 +3,7 @@
 //! controller process (every replica) and is called by the node plugins.
 
 pub mod decide;
+pub mod invalidations;
 pub mod resolutions;
 pub mod server;
 pub mod token_review;

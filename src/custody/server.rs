@@ -1,20 +1,18 @@
 //! The custody gRPC service (`scopehold.v1.Custody`).
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures::Stream;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 use tonic::{Request, Response, Status};
 
 use super::decide::{self, Denial, DenyReason, GrantedFile, PodAsk};
+use super::invalidations::{self, InvalidationStream};
 use super::resolutions::ResolutionLog;
 use super::token_review::{self, ReviewError, TokenClaims};
 use crate::api::grant::Resolution;
@@ -433,9 +431,6 @@ impl Refusal {
     }
 }
 
-type InvalidationStream =
-    Pin<Box<dyn Stream<Item = Result<pb::Invalidation, Status>> + Send + 'static>>;
-
 #[tonic::async_trait]
 impl pb::custody_server::Custody for CustodyService {
     async fn resolve(
@@ -475,11 +470,27 @@ impl pb::custody_server::Custody for CustodyService {
 
     async fn watch_invalidations(
         &self,
-        _request: Request<pb::WatchRequest>,
+        request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchInvalidationsStream>, Status> {
-        Err(Status::unimplemented(
-            "invalidation streaming is not served yet",
-        ))
+        let node = self.authenticate_caller(&request).await?;
+        tracing::info!(%node, "node plugin subscribed to invalidations");
+        Ok(Response::new(invalidations::stream_for(&self.caches)))
+    }
+
+    async fn grant_states(
+        &self,
+        request: Request<pb::GrantStatesRequest>,
+    ) -> Result<Response<pb::GrantStatesResponse>, Status> {
+        self.authenticate_caller(&request).await?;
+        if !self.caches.is_synced() {
+            return Err(Status::unavailable("custody caches are not synced yet"));
+        }
+        let refs = request.into_inner().grants;
+        if refs.len() > 10_000 {
+            return Err(Status::invalid_argument("at most 10000 grants per call"));
+        }
+        let grants = invalidations::grant_states(&self.caches, &self.client, refs).await;
+        Ok(Response::new(pb::GrantStatesResponse { grants }))
     }
 }
 
@@ -489,9 +500,4 @@ fn denial_status(denial: &Denial) -> Status {
         DenyReason::TokenRejected => Status::unauthenticated(message),
         _ => Status::permission_denied(message),
     }
-}
-
-/// Looks up an identity by name, for callers outside this module.
-pub fn identity_ref(namespace: &str, name: &str) -> ObjectRef<AgentIdentity> {
-    ObjectRef::new(name).within(namespace)
 }

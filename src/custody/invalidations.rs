@@ -1,0 +1,151 @@
+//! The push path: changes seen by the watch streams become Invalidation
+//! messages for every connected node plugin, and grant states answer a plugin
+//! that has no pod token at hand (after a restart).
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt, stream};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+use tokio_stream::wrappers::BroadcastStream;
+use tonic::Status;
+
+use crate::api::{AgentIdentity, SecretGrant};
+use crate::caches::{Caches, Change, ChangeKind};
+use crate::policy::evaluate::{AgentState, SecretState, evaluate_grant};
+use crate::policy::index::identities_claiming;
+use crate::proto::scopehold::v1 as pb;
+
+pub type InvalidationStream =
+    Pin<Box<dyn Stream<Item = Result<pb::Invalidation, Status>> + Send + 'static>>;
+
+fn timestamp_now() -> prost_types::Timestamp {
+    let now = Timestamp::now();
+    prost_types::Timestamp {
+        seconds: now.as_second(),
+        nanos: now.subsec_nanosecond(),
+    }
+}
+
+fn resync() -> pb::Invalidation {
+    pb::Invalidation {
+        kind: pb::invalidation::Kind::Resync as i32,
+        occurred_at: Some(timestamp_now()),
+        ..Default::default()
+    }
+}
+
+pub fn to_proto(change: Change) -> pb::Invalidation {
+    use pb::invalidation::Kind;
+    let kind = match change.kind {
+        ChangeKind::Revoked => Kind::Revoked,
+        ChangeKind::Expired => Kind::Expired,
+        ChangeKind::Suspended => Kind::Suspended,
+        ChangeKind::Rotated => Kind::Rotated,
+        ChangeKind::Deleted => Kind::Deleted,
+        ChangeKind::Conflict => Kind::Conflict,
+        ChangeKind::Changed => Kind::Changed,
+    };
+    pb::Invalidation {
+        kind: kind as i32,
+        namespace: change.namespace,
+        agent: change.agent.unwrap_or_default(),
+        grant: change.grant.unwrap_or_default(),
+        secret: change.secret.unwrap_or_default(),
+        content_digest: change.content_digest.unwrap_or_default(),
+        occurred_at: Some(timestamp_now()),
+    }
+}
+
+/// A RESYNC first (the plugin may have missed changes while disconnected),
+/// then every change; a subscriber that falls behind gets a RESYNC instead of
+/// the changes it missed.
+pub fn stream_for(caches: &Caches) -> InvalidationStream {
+    let changes = BroadcastStream::new(caches.changes.subscribe()).map(|item| {
+        Ok(match item {
+            Ok(change) => to_proto(change),
+            Err(_lagged) => resync(),
+        })
+    });
+    Box::pin(stream::once(async { Ok(resync()) }).chain(changes))
+}
+
+/// Whether each grant may still be held by pods of the named agent.
+pub async fn grant_states(
+    caches: &Caches,
+    client: &kube::Client,
+    refs: Vec<pb::GrantRef>,
+) -> Vec<pb::GrantState> {
+    let identities = caches.identities.state();
+    let now = Timestamp::now();
+    let mut out = Vec::with_capacity(refs.len());
+    for r in refs {
+        let state = |active: bool, reason: &str| pb::GrantState {
+            grant_ref: None,
+            active,
+            reason: reason.to_owned(),
+            expires_at: None,
+            content_digest: String::new(),
+        };
+        let grant: Option<std::sync::Arc<SecretGrant>> = caches
+            .grants
+            .get(&ObjectRef::new(&r.grant).within(&r.namespace));
+        let mut answer = match grant {
+            None => state(false, "NotFound"),
+            Some(g) if g.spec.agent != r.agent => state(false, "AgentChanged"),
+            Some(g) => {
+                let identity: Option<std::sync::Arc<AgentIdentity>> = caches
+                    .identities
+                    .get(&ObjectRef::new(&r.agent).within(&r.namespace));
+                let conflict = identity.as_ref().is_some_and(|i| {
+                    identities_claiming(&identities, &r.namespace, &i.spec.service_account_name)
+                        .len()
+                        > 1
+                });
+                let secret = caches
+                    .secrets
+                    .get_or_fetch(client, &r.namespace, &g.spec.secret_name)
+                    .await;
+                let secret = match secret {
+                    Ok(s) => s,
+                    Err(error) => {
+                        // Unknown is not inactive: the plugin keeps content
+                        // and its local expiry timer still applies.
+                        tracing::warn!(%error, grant = %g.name_any(), "grant state unknown");
+                        out.push(pb::GrantState {
+                            grant_ref: Some(r),
+                            ..state(true, "Unknown")
+                        });
+                        continue;
+                    }
+                };
+                let agent_state = match &identity {
+                    Some(identity) => AgentState::Present { identity, conflict },
+                    None => AgentState::Missing,
+                };
+                let e = evaluate_grant(
+                    &g,
+                    agent_state,
+                    secret
+                        .as_ref()
+                        .map_or(SecretState::Missing, |s| SecretState::Present(&s.data)),
+                    now,
+                );
+                pb::GrantState {
+                    grant_ref: None,
+                    active: e.is_active(),
+                    reason: e.reason.as_str().to_owned(),
+                    expires_at: e.expires_at.map(|t| prost_types::Timestamp {
+                        seconds: t.as_second(),
+                        nanos: 0,
+                    }),
+                    content_digest: e.content_digest.unwrap_or_default(),
+                }
+            }
+        };
+        answer.grant_ref = Some(r);
+        out.push(answer);
+    }
+    out
+}
