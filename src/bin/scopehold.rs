@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicBool;
 use clap::{Parser, Subcommand};
 use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
+use scopehold::controller::leader::{Leadership, LeaseSettings};
 use scopehold::controller::{self, Metrics, Settings};
 use scopehold::custody::resolutions::ResolutionLog;
 use scopehold::custody::server::{CustodyService, NodePluginAccount};
@@ -58,6 +59,28 @@ struct ControllerArgs {
     custody_listen: Option<SocketAddr>,
     #[command(flatten)]
     custody: CustodyArgs,
+    #[command(flatten)]
+    lease: LeaseArgs,
+}
+
+#[derive(clap::Args)]
+struct LeaseArgs {
+    /// Compete for a Lease; only the holder reconciles (run several replicas).
+    #[arg(long, env = "SCOPEHOLD_LEADER_ELECTION")]
+    leader_election: bool,
+    /// Name of the Lease.
+    #[arg(
+        long,
+        env = "SCOPEHOLD_LEASE_NAME",
+        default_value = "scopehold-controller"
+    )]
+    lease_name: String,
+    /// Namespace of the Lease (the controller's own namespace in a cluster).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Seconds a holder that stopped renewing keeps the Lease.
+    #[arg(long, env = "SCOPEHOLD_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
 }
 
 #[derive(clap::Args)]
@@ -81,6 +104,8 @@ struct CustodyArgs {
 
 #[derive(Debug, thiserror::Error)]
 enum CliError {
+    #[error("leader election: {0}")]
+    Lease(#[source] kube_lease_manager::LeaseManagerError),
     #[error(
         "custody without TLS needs --custody-plaintext (development only); TLS is not built yet"
     )]
@@ -143,13 +168,57 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
     });
     let settings = Settings {
         namespace: args.watch_namespace,
-        instance: args.instance,
+        instance: args.instance.clone(),
     };
     let (caches, writers) = scopehold::caches::new();
     if let Some(addr) = args.custody_listen {
         serve_custody(addr, &args.custody, client.clone(), caches.clone()).await?;
     }
-    controller::run(client, settings, metrics, caches, writers, ready).await;
+    let leadership = if args.lease.leader_election {
+        let identity = args
+            .instance
+            .clone()
+            .unwrap_or_else(|| format!("scopehold-{}", std::process::id()));
+        let lease = LeaseSettings {
+            name: args.lease.lease_name.clone(),
+            namespace: args.lease.lease_namespace.clone(),
+            identity,
+            duration_seconds: args.lease.lease_duration_seconds.max(2),
+            grace_seconds: (args.lease.lease_duration_seconds / 3).max(1),
+        };
+        tracing::info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "leader election on");
+        Leadership::elect(client.clone(), &lease)
+            .await
+            .map_err(CliError::Lease)?
+    } else {
+        Leadership::always()
+    };
+    let mut leading = leadership.is_leader.clone();
+    tokio::spawn(async move {
+        while leading.changed().await.is_ok() {
+            let now = *leading.borrow();
+            tracing::info!(
+                leader = now,
+                "{}",
+                if now {
+                    "became the leader"
+                } else {
+                    "lost leadership"
+                }
+            );
+        }
+    });
+    controller::run(
+        client,
+        settings,
+        metrics,
+        caches,
+        writers,
+        ready,
+        leadership.is_leader.clone(),
+    )
+    .await;
+    leadership.release().await;
     tracing::info!("controller stopped");
     Ok(())
 }

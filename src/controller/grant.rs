@@ -30,6 +30,9 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(5);
 
 pub async fn reconcile(grant: Arc<SecretGrant>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.caches.synced().await;
+    if !ctx.leads() {
+        return Ok(Action::await_change());
+    }
     let started = Instant::now();
     let namespace = grant.namespace().ok_or(Error::MissingNamespace)?;
     tracing::debug!(grant = %grant.name_any(), %namespace, "reconciling");

@@ -23,6 +23,9 @@ const RESYNC: Duration = Duration::from_secs(600);
 
 pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.caches.synced().await;
+    if !ctx.leads() {
+        return Ok(Action::await_change());
+    }
     let started = Instant::now();
     let namespace = identity.namespace().ok_or(Error::MissingNamespace)?;
     let name = identity.name_any();

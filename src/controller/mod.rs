@@ -11,6 +11,7 @@ pub mod events;
 mod grant;
 pub mod http;
 mod identity;
+pub mod leader;
 pub mod metrics;
 mod streams;
 
@@ -55,9 +56,18 @@ pub struct Settings {
 /// Shared state of the reconcilers.
 pub struct Context {
     pub client: Client,
+    /// Whether this replica holds the lease; followers reconcile nothing.
+    pub is_leader: tokio::sync::watch::Receiver<bool>,
     pub caches: Caches,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+}
+
+impl Context {
+    /// Followers keep their caches warm but write nothing.
+    pub fn leads(&self) -> bool {
+        *self.is_leader.borrow()
+    }
 }
 
 fn error_policy<K>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
@@ -83,6 +93,7 @@ pub async fn run(
     caches: Caches,
     writers: CacheWriters,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    is_leader: tokio::sync::watch::Receiver<bool>,
 ) {
     let (grant_tx, grant_rx) = futures::channel::mpsc::unbounded();
     let (identity_tx, identity_rx) = futures::channel::mpsc::unbounded();
@@ -122,18 +133,30 @@ pub async fn run(
     };
     let ctx = Arc::new(Context {
         client: client.clone(),
+        is_leader: is_leader.clone(),
         caches: caches.clone(),
         recorder: Recorder::new(client, reporter),
         metrics,
     });
 
+    // Becoming the leader reconciles everything: a follower skipped it all.
+    let became_leader = || {
+        tokio_stream::wrappers::WatchStream::new(is_leader.clone()).filter_map(|leading| {
+            if leading {
+                tracing::info!("leading: reconciling every object");
+            }
+            futures::future::ready(leading.then_some(()))
+        })
+    };
     let grants = Controller::for_stream(grant_stream, caches.grants.clone())
         .reconcile_on(grant_rx)
+        .reconcile_all_on(became_leader())
         .shutdown_on_signal()
         .run(grant::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     let identities = Controller::for_stream(identity_stream, caches.identities.clone())
         .reconcile_on(identity_rx)
+        .reconcile_all_on(became_leader())
         .shutdown_on_signal()
         .run(identity::reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()));

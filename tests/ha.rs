@@ -1,0 +1,229 @@
+//! Two controller replicas against one API server: exactly one reconciles,
+//! the other takes over within the lease duration when the leader dies, and
+//! custody answers from both.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
+    install_crds, pod_token, test_namespace, wait_for_desc,
+};
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::{Api, ObjectMeta, PostParams};
+use scopehold::api::{
+    AgentIdentity, AgentIdentitySpec, GrantPhase, GrantedKey, SecretGrant, SecretGrantSpec,
+};
+use scopehold::proto::scopehold::v1::ResolveRequest;
+use scopehold::proto::scopehold::v1::custody_client::CustodyClient;
+
+const LEASE_SECONDS: u64 = 4;
+
+fn start(ns: &str) -> ControllerProcess {
+    ControllerProcess::start(
+        ns,
+        &[
+            "--leader-election",
+            "--lease-namespace",
+            ns,
+            "--lease-duration-seconds",
+            &LEASE_SECONDS.to_string(),
+            "--custody-listen",
+            "127.0.0.1:0",
+            "--custody-plaintext",
+            "--node-service-account",
+            &format!("{ns}/node-plugin"),
+        ],
+    )
+}
+
+fn field(c: &ControllerProcess, name: &str) -> String {
+    let line = c
+        .logs()
+        .lines()
+        .find(|l| l.contains(&format!("\"{name}\"")))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&line)
+        .ok()
+        .and_then(|v| v[name].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn leads(c: &ControllerProcess) -> bool {
+    c.logs()
+        .lines()
+        .filter(|l| l.contains("became the leader") || l.contains("lost leadership"))
+        .last()
+        .is_some_and(|l| l.contains("became the leader"))
+}
+
+async fn metric(addr: &str, series: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+async fn grant(client: &kube::Client, ns: &str, name: &str) {
+    let spec = SecretGrantSpec {
+        agent: "bot".into(),
+        secret_name: "creds".into(),
+        keys: vec![GrantedKey {
+            key: "api".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Api::<SecretGrant>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &SecretGrant::new(name, spec))
+        .await
+        .unwrap();
+}
+
+async fn await_active(client: &kube::Client, ns: &str, name: &str, timeout: Duration) {
+    let api: Api<SecretGrant> = Api::namespaced(client.clone(), ns);
+    wait_for_desc(&format!("{name} Active"), timeout, async || {
+        (api.get(name).await.ok()?.phase() == Some(GrantPhase::Active)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_leader_reconciles_the_other_takes_over_and_both_serve_custody() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = test_namespace(&client, "ha").await;
+    let node = format!("{ns}-node");
+    create_node(&client, &node).await;
+    create_service_account(&client, &ns, "node-plugin").await;
+    create_service_account(&client, &ns, "bot-sa").await;
+    let plugin = create_pod(&client, &ns, "node-plugin", "node-plugin", &node).await;
+    let plugin_token = pod_token(
+        &client,
+        &ns,
+        "node-plugin",
+        "node-plugin",
+        &plugin.uid().unwrap(),
+        AUDIENCE,
+        3600,
+    )
+    .await;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("creds".into()),
+            ..Default::default()
+        },
+        string_data: Some([("api".to_owned(), "ha-value".to_owned())].into()),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let identity = AgentIdentity::new(
+        "bot",
+        AgentIdentitySpec {
+            service_account_name: "bot-sa".into(),
+            ..Default::default()
+        },
+    );
+    Api::<AgentIdentity>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &identity)
+        .await
+        .unwrap();
+
+    let a = start(&ns);
+    let b = start(&ns);
+    for c in [&a, &b] {
+        c.wait_for_log(|l| l.contains("caches synced"), Duration::from_secs(20))
+            .await;
+    }
+    wait_for_desc("a leader", Duration::from_secs(20), async || {
+        (leads(&a) || leads(&b)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(leads(&a) ^ leads(&b), "exactly one leader");
+    let (leader, follower) = if leads(&a) { (a, b) } else { (b, a) };
+
+    grant(&client, &ns, "before").await;
+    await_active(&client, &ns, "before", Duration::from_secs(20)).await;
+    let writes = "scopehold_status_writes_total{kind=\"SecretGrant\"}";
+    assert!(metric(&field(&leader, "metrics_addr"), writes).await >= 1.0);
+    assert_eq!(
+        metric(&field(&follower, "metrics_addr"), writes).await,
+        0.0,
+        "the follower wrote status"
+    );
+
+    // Custody answers on both replicas.
+    let pod = create_pod(&client, &ns, "agent", "bot-sa", &node).await;
+    let token = pod_token(
+        &client,
+        &ns,
+        "bot-sa",
+        "agent",
+        &pod.uid().unwrap(),
+        AUDIENCE,
+        3600,
+    )
+    .await;
+    for c in [&leader, &follower] {
+        let mut custody = CustodyClient::connect(format!("http://{}", field(c, "custody_addr")))
+            .await
+            .unwrap();
+        let mut request = tonic::Request::new(ResolveRequest {
+            pod_token: token.clone(),
+            pod_namespace: ns.clone(),
+            pod_name: "agent".into(),
+            pod_uid: pod.uid().unwrap(),
+            service_account_name: "bot-sa".into(),
+            node_name: node.clone(),
+            ..Default::default()
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {plugin_token}").parse().unwrap(),
+        );
+        let response = custody
+            .resolve(request)
+            .await
+            .expect("custody answers on every replica")
+            .into_inner();
+        assert_eq!(response.grants.len(), 1);
+    }
+
+    // The leader dies without releasing the lease: the follower takes over
+    // within the lease duration (plus its renew period).
+    let killed = Instant::now();
+    leader.kill();
+    wait_for_desc(
+        "takeover",
+        Duration::from_secs(LEASE_SECONDS * 3),
+        async || leads(&follower).then_some(()),
+    )
+    .await;
+    let takeover = killed.elapsed();
+    eprintln!("takeover after {takeover:?} (lease {LEASE_SECONDS}s)");
+    assert!(
+        takeover <= Duration::from_secs(LEASE_SECONDS * 2),
+        "takeover took {takeover:?}"
+    );
+    grant(&client, &ns, "after").await;
+    await_active(&client, &ns, "after", Duration::from_secs(20)).await;
+}
