@@ -816,3 +816,145 @@ async fn expect_push(
         }
     }
 }
+
+/// With TLS (the default), custody creates a CA and serving certificate once,
+/// shares them between replicas through a Secret, publishes the CA in a
+/// ConfigMap, and refuses plaintext and unauthenticated clients.
+#[tokio::test]
+async fn tls_is_the_default_and_refuses_plaintext() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = test_namespace(&client, "custody-tls").await;
+    let node = format!("{ns}-node");
+    create_node(&client, &node).await;
+    create_service_account(&client, &ns, "node-plugin").await;
+    create_service_account(&client, &ns, "bot-sa").await;
+    let plugin = create_pod(&client, &ns, "node-plugin", "node-plugin", &node).await;
+    let plugin_token = pod_token(
+        &client,
+        &ns,
+        "node-plugin",
+        "node-plugin",
+        &plugin.uid().unwrap(),
+        AUDIENCE,
+        3600,
+    )
+    .await;
+    let args = [
+        "--custody-listen",
+        "127.0.0.1:0",
+        "--custody-tls-namespace",
+        &ns,
+        "--custody-tls-san",
+        "127.0.0.1",
+        "--node-service-account",
+        &format!("{ns}/node-plugin"),
+    ];
+    let first = ControllerProcess::start(&ns, &args);
+    let second = ControllerProcess::start(&ns, &args);
+    let mut addrs = Vec::new();
+    for c in [&first, &second] {
+        let line = c.wait_for_log(|l| l.contains("custody_addr"), WAIT).await;
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["tls"], true, "{line}");
+        addrs.push(v["custody_addr"].as_str().unwrap().to_owned());
+        c.wait_for_log(|l| l.contains("caches synced"), WAIT).await;
+    }
+    let secret = Api::<Secret>::namespaced(client.clone(), &ns)
+        .get("scopehold-custody-tls")
+        .await
+        .unwrap();
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let ca = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("scopehold-custody-ca")
+        .await
+        .unwrap()
+        .data
+        .unwrap()["ca.crt"]
+        .clone();
+    assert_eq!(
+        String::from_utf8(secret.data.unwrap()["ca.crt"].0.clone()).unwrap(),
+        ca,
+        "both replicas serve the one CA that is published"
+    );
+
+    let pod = create_pod(&client, &ns, "agent", "bot-sa", &node).await;
+    let token = pod_token(
+        &client,
+        &ns,
+        "bot-sa",
+        "agent",
+        &pod.uid().unwrap(),
+        AUDIENCE,
+        3600,
+    )
+    .await;
+    let request = |bearer: Option<&str>| {
+        let mut r = tonic::Request::new(ResolveRequest {
+            pod_token: token.clone(),
+            pod_namespace: ns.clone(),
+            pod_name: "agent".into(),
+            pod_uid: pod.uid().unwrap(),
+            service_account_name: "bot-sa".into(),
+            node_name: node.clone(),
+            ..Default::default()
+        });
+        if let Some(b) = bearer {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {b}").parse().unwrap());
+        }
+        r
+    };
+    for addr in &addrs {
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca));
+        let channel = Channel::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut custody = CustodyClient::new(channel);
+        // Authenticated over TLS: reaches the policy (no AgentIdentity here).
+        let denied = custody
+            .resolve(request(Some(&plugin_token)))
+            .await
+            .expect_err("no identity");
+        assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+        assert!(denied.message().contains("NoAgentIdentity"), "{denied:?}");
+        assert_eq!(
+            custody
+                .resolve(request(None))
+                .await
+                .expect_err("no token")
+                .code(),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            custody
+                .resolve(request(Some(&token)))
+                .await
+                .expect_err("agent token")
+                .code(),
+            Code::PermissionDenied
+        );
+
+        // Plaintext to the TLS port gets nowhere.
+        let plaintext = match CustodyClient::connect(format!("http://{addr}")).await {
+            Ok(mut c) => c.resolve(request(Some(&plugin_token))).await.map(|_| ()),
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        };
+        assert!(
+            plaintext.is_err(),
+            "plaintext call succeeded against TLS custody"
+        );
+    }
+    let everything = first.logs() + &second.logs();
+    assert!(
+        !everything.contains("PRIVATE KEY"),
+        "key material in the logs"
+    );
+}

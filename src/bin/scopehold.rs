@@ -14,6 +14,7 @@ use scopehold::controller::leader::{Leadership, LeaseSettings};
 use scopehold::controller::{self, Metrics, Settings};
 use scopehold::custody::resolutions::ResolutionLog;
 use scopehold::custody::server::{CustodyService, NodePluginAccount};
+use scopehold::custody::tls::{self, TlsSettings};
 use scopehold::proto::scopehold::v1::custody_server::CustodyServer;
 use scopehold::telemetry::{self, LogFormat};
 
@@ -94,9 +95,38 @@ struct CustodyArgs {
     )]
     node_service_account: NodePluginAccount,
     /// Serve custody without TLS. Development only: values cross the network
-    /// in clear text.
+    /// in clear text. Without it, custody serves TLS with a certificate from
+    /// the shared TLS Secret (created on first start).
     #[arg(long, env = "SCOPEHOLD_CUSTODY_PLAINTEXT")]
     custody_plaintext: bool,
+    /// Secret (in the controller's namespace) holding the custody CA and
+    /// serving certificate; created when missing.
+    #[arg(
+        long,
+        env = "SCOPEHOLD_CUSTODY_TLS_SECRET",
+        default_value = "scopehold-custody-tls"
+    )]
+    custody_tls_secret: String,
+    /// ConfigMap where the CA bundle is published for the node plugins.
+    #[arg(
+        long,
+        env = "SCOPEHOLD_CUSTODY_CA_CONFIGMAP",
+        default_value = "scopehold-custody-ca"
+    )]
+    custody_ca_configmap: String,
+    /// Namespace of the TLS Secret and CA ConfigMap (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    custody_tls_namespace: String,
+    /// Name of the custody Service; the certificate covers its DNS names.
+    #[arg(
+        long,
+        env = "SCOPEHOLD_CUSTODY_SERVICE",
+        default_value = "scopehold-custody"
+    )]
+    custody_service_name: String,
+    /// Extra DNS names or IP addresses for the serving certificate.
+    #[arg(long, env = "SCOPEHOLD_CUSTODY_TLS_SANS", value_delimiter = ',')]
+    custody_tls_san: Vec<String>,
     /// How often resolution counts are written into statuses.
     #[arg(long, env = "SCOPEHOLD_STATUS_FLUSH_MS", default_value_t = 1000)]
     status_flush_ms: u64,
@@ -106,10 +136,8 @@ struct CustodyArgs {
 enum CliError {
     #[error("leader election: {0}")]
     Lease(#[source] kube_lease_manager::LeaseManagerError),
-    #[error(
-        "custody without TLS needs --custody-plaintext (development only); TLS is not built yet"
-    )]
-    CustodyNeedsTls,
+    #[error("custody TLS: {0}")]
+    Tls(#[source] scopehold::custody::tls::TlsError),
     #[error("connecting to Kubernetes: {0}")]
     Client(#[source] kube::Error),
     #[error("listening on {addr}: {source}")]
@@ -230,14 +258,36 @@ async fn serve_custody(
     client: kube::Client,
     caches: scopehold::caches::Caches,
 ) -> Result<(), CliError> {
-    if !args.custody_plaintext {
-        return Err(CliError::CustodyNeedsTls);
-    }
+    let tls = if args.custody_plaintext {
+        tracing::warn!("custody serves plaintext (--custody-plaintext): development only");
+        None
+    } else {
+        let (svc, ns) = (&args.custody_service_name, &args.custody_tls_namespace);
+        let mut sans = vec![
+            svc.clone(),
+            format!("{svc}.{ns}"),
+            format!("{svc}.{ns}.svc"),
+            format!("{svc}.{ns}.svc.cluster.local"),
+        ];
+        sans.extend(args.custody_tls_san.iter().cloned());
+        let settings = TlsSettings {
+            namespace: ns.clone(),
+            secret_name: args.custody_tls_secret.clone(),
+            configmap_name: args.custody_ca_configmap.clone(),
+            subject_alt_names: sans,
+        };
+        let material = tls::ensure(&client, &settings)
+            .await
+            .map_err(CliError::Tls)?;
+        Some(tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(material.cert_pem, material.key_pem),
+        ))
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| CliError::Listen { addr, source })?;
     let bound = listener.local_addr().unwrap_or(addr);
-    tracing::info!(custody_addr = %bound, plaintext = true, "custody serving");
+    tracing::info!(custody_addr = %bound, tls = tls.is_some(), "custody serving");
     let resolutions = Arc::new(ResolutionLog::default());
     let flush_every = std::time::Duration::from_millis(args.status_flush_ms.max(100));
     {
@@ -261,7 +311,17 @@ async fn serve_custody(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tokio::spawn(async move {
         // Keepalives find dead node-plugin streams (a node that vanished).
-        let result = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = match builder.tls_config(tls) {
+                Ok(b) => b,
+                Err(error) => {
+                    tracing::error!(%error, "custody TLS configuration rejected");
+                    return;
+                }
+            };
+        }
+        let result = builder
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
             .add_service(CustodyServer::new(service))

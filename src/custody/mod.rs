@@ -6,6 +6,7 @@ pub mod decide;
 pub mod invalidations;
 pub mod resolutions;
 pub mod server;
+pub mod tls;
 pub mod token_review;
 
 /// Server-side-apply field manager of the resolution fields in statuses,
