@@ -57,8 +57,7 @@ fn field(c: &ControllerProcess, name: &str) -> String {
 fn leads(c: &ControllerProcess) -> bool {
     c.logs()
         .lines()
-        .filter(|l| l.contains("became the leader") || l.contains("lost leadership"))
-        .last()
+        .rfind(|l| l.contains("became the leader") || l.contains("lost leadership"))
         .is_some_and(|l| l.contains("became the leader"))
 }
 

@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Reconcile AgentIdentities and SecretGrants.
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Print the CRDs as YAML, or write them into a directory.
     Crdgen {
         /// Write one file per CRD into this directory instead of stdout.
@@ -160,7 +160,7 @@ enum CliError {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Controller(args) => run_controller(args).await,
+        Command::Controller(args) => run_controller(*args).await,
         Command::Crdgen { out_dir } => crdgen(out_dir),
     };
     match result {
