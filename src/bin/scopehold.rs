@@ -33,6 +33,8 @@ struct Cli {
 enum Command {
     /// Reconcile AgentIdentities and SecretGrants.
     Controller(Box<ControllerArgs>),
+    /// Serve the CSI node plugin (Identity and Node services) on a unix socket.
+    Node(Box<NodeArgs>),
     /// Print the CRDs as YAML, or write them into a directory.
     Crdgen {
         /// Write one file per CRD into this directory instead of stdout.
@@ -132,8 +134,63 @@ struct CustodyArgs {
     status_flush_ms: u64,
 }
 
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// The CSI socket, e.g. unix:///csi/csi.sock (created with mode 0600).
+    #[arg(long, env = "CSI_ENDPOINT")]
+    endpoint: String,
+    /// This node's name (NodeGetInfo's node_id; checked by custody).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The custody service, e.g. https://scopehold-custody.scopehold-system.svc:9443.
+    #[arg(long, env = "SCOPEHOLD_CUSTODY_ENDPOINT")]
+    custody_endpoint: String,
+    /// Allow a plaintext http:// custody endpoint (development only).
+    #[arg(long, env = "SCOPEHOLD_CUSTODY_PLAINTEXT")]
+    custody_plaintext: bool,
+    /// PEM bundle of the CA that signs custody's certificate (https://).
+    #[arg(long, env = "SCOPEHOLD_CUSTODY_CA_FILE")]
+    custody_ca_file: Option<PathBuf>,
+    /// The plugin's own projected ServiceAccount token, re-read on every call.
+    #[arg(
+        long,
+        env = "SCOPEHOLD_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    token_file: PathBuf,
+    /// Kubelet's root directory; target paths must be below it.
+    #[arg(
+        long,
+        env = "SCOPEHOLD_KUBELET_DIR",
+        default_value = "/var/lib/kubelet"
+    )]
+    kubelet_dir: PathBuf,
+    /// Registry of published volumes (names and digests, no values).
+    #[arg(
+        long,
+        env = "SCOPEHOLD_STATE_DIR",
+        default_value = "/var/lib/scopehold-csi"
+    )]
+    state_dir: PathBuf,
+    /// Private directory for short-lived writable views of the volumes.
+    #[arg(
+        long,
+        env = "SCOPEHOLD_SCRATCH_DIR",
+        default_value = "/run/scopehold-csi"
+    )]
+    scratch_dir: PathBuf,
+    /// Size limit of each volume's tmpfs (Ki, Mi, Gi, k, M, G or bytes).
+    #[arg(long, env = "SCOPEHOLD_TMPFS_SIZE", default_value = "1Mi", value_parser = scopehold::csi::server::parse_size)]
+    tmpfs_size: u64,
+    /// Log format on stdout.
+    #[arg(long, env = "SCOPEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+}
+
 #[derive(Debug, thiserror::Error)]
 enum CliError {
+    #[error("node plugin: {0}")]
+    Node(#[from] scopehold::csi::server::NodePluginError),
     #[error("leader election: {0}")]
     Lease(#[source] kube_lease_manager::LeaseManagerError),
     #[error("custody TLS: {0}")]
@@ -161,6 +218,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Controller(args) => run_controller(*args).await,
+        Command::Node(args) => run_node(*args).await,
         Command::Crdgen { out_dir } => crdgen(out_dir),
     };
     match result {
@@ -332,6 +390,26 @@ async fn serve_custody(
         }
     });
     Ok(())
+}
+
+async fn run_node(args: NodeArgs) -> Result<(), CliError> {
+    use scopehold::csi::{resolver::CustodyClientConfig, server};
+    telemetry::init(args.log_format);
+    let settings = server::NodePluginSettings {
+        endpoint: args.endpoint,
+        node_name: args.node_name,
+        custody: CustodyClientConfig {
+            endpoint: args.custody_endpoint,
+            plaintext: args.custody_plaintext,
+            ca_file: args.custody_ca_file,
+            token_file: args.token_file,
+        },
+        kubelet_dir: args.kubelet_dir,
+        state_dir: args.state_dir,
+        scratch_dir: args.scratch_dir,
+        tmpfs_size_bytes: args.tmpfs_size,
+    };
+    Ok(server::run(settings, server::shutdown_signal()).await?)
 }
 
 fn crdgen(out_dir: Option<PathBuf>) -> Result<(), CliError> {

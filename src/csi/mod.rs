@@ -7,14 +7,25 @@
 //!   private writable view for updates.
 //! - [`atomic_writer`]: kubelet-style `..data` swap of the volume's files.
 //! - [`registry`]: on-disk record of published volumes (no secret values).
+//! - [`resolver`]: the custody client behind the [`resolver::Resolver`] seam.
+//! - [`locks`]: per-target serialisation of operations.
+//! - [`node`], [`identity`]: the CSI Node and Identity services.
+//! - [`controller`]: ControllerGetCapabilities only (for csi-sanity).
+//! - [`server`]: the unix socket and the wiring of `scopehold node`.
 //!
 //! A publish is: validate the target path, parse the attributes, resolve via
 //! custody, `mount_tmpfs` + `set_read_only(true)`, then write the payload
 //! through a `writable_view` and record the volume in the registry.
 
 pub mod atomic_writer;
+pub mod controller;
+pub mod identity;
+pub mod locks;
 pub mod mounter;
+pub mod node;
 pub mod registry;
+pub mod resolver;
+pub mod server;
 pub mod target_path;
 pub mod volume_context;
 

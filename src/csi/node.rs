@@ -1,0 +1,1058 @@
+//! The CSI Node service: publishes ScopeHold's ephemeral inline volumes.
+//!
+//! NodePublishVolume, in order:
+//! 1. validate the request: `volume_id`, `target_path` and
+//!    `volume_capability` present (csi-sanity checks exactly these three
+//!    come back as `INVALID_ARGUMENT` before anything else), the target path
+//!    below the kubelet directory in kubelet's layout, the volume id and pod
+//!    UID consistent with that path, the attributes well-formed, the volume
+//!    ephemeral;
+//! 2. take the per-target lock;
+//! 3. ask custody (`Resolve`) with the pod's token; a refusal mounts
+//!    nothing, and on a republish it withdraws the files already there;
+//! 4. mount a size-limited tmpfs (never stacked), make the mount point
+//!    read-only, write the files through a private writable view with the
+//!    atomic writer (per-file modes, group = the pod's fsGroup), record the
+//!    volume in the registry.
+//!
+//! A failure in step 4 of a first publish unmounts and removes the target
+//! directory again, so nothing half-made is left behind.
+//!
+//! Nothing here logs or returns a token, a volume-context value other than
+//! pod and grant names, or file content.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tonic::{Code, Request, Response, Status};
+
+use super::atomic_writer::{AtomicWriteError, AtomicWriter, FileContent, Payload, WriteOutcome};
+use super::locks::KeyedLocks;
+use super::mounter::{MountError, Mounter, TmpfsOptions, UnmountMode};
+use super::registry::{
+    PodRef, PublishedGrant, PublishedVolume, REGISTRY_FORMAT_VERSION, Registry, RegistryError,
+};
+use super::resolver::Resolver;
+use super::target_path::{TargetPath, TargetPathError, TargetPathPolicy};
+use super::volume_context::{PublishAttributes, VolumeContextError, parse_publish_attributes};
+use crate::proto::csi::v1 as csi;
+use crate::proto::csi::v1::node_server::Node;
+use crate::proto::csi::v1::node_service_capability::rpc::Type as RpcType;
+use crate::proto::csi::v1::volume_capability::AccessType;
+use crate::proto::scopehold::v1::{ResolveRequest, ResolveResponse};
+
+/// Longest volume id accepted (the CSI spec's limit for ids).
+pub const MAX_VOLUME_ID_BYTES: usize = 256;
+/// Most files one volume may hold.
+pub const MAX_FILES: usize = 1024;
+/// Custody's messages are passed on to kubelet shortened to this length.
+const MAX_CUSTODY_MESSAGE_BYTES: usize = 1024;
+/// Hostile ids are shortened to this length in log lines.
+const MAX_ID_IN_LOG: usize = 80;
+/// Mode of the tmpfs root when the pod has an fsGroup (kubelet adds the
+/// fsGroup to every container's groups) and when it has none.
+const ROOT_MODE_WITH_GROUP: u32 = 0o750;
+const ROOT_MODE_WITHOUT_GROUP: u32 = 0o755;
+
+/// Settings of the Node service.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's name: NodeGetInfo's `node_id` and the `node_name` sent to
+    /// custody.
+    pub node_name: String,
+    /// Which target paths are accepted.
+    pub target_paths: TargetPathPolicy,
+    /// Size limit of each volume's tmpfs.
+    pub tmpfs_size_bytes: u64,
+}
+
+impl NodeConfig {
+    /// The most file content one volume may hold: half the tmpfs, so that a
+    /// rotation (old and new version side by side) always fits.
+    pub fn payload_limit_bytes(&self) -> u64 {
+        self.tmpfs_size_bytes / 2
+    }
+}
+
+/// The CSI Node service.
+pub struct NodeService<R> {
+    config: NodeConfig,
+    resolver: Arc<R>,
+    mounter: Mounter,
+    registry: Registry,
+    locks: KeyedLocks,
+}
+
+impl<R> fmt::Debug for NodeService<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeService")
+            .field("config", &self.config)
+            .field("mounter", &self.mounter)
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why NodePublishVolume failed. [`PublishError::code`] is the gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("volume_id is missing")]
+    MissingVolumeId,
+    #[error("volume_id is {len} bytes long; at most {MAX_VOLUME_ID_BYTES} are allowed")]
+    VolumeIdTooLong { len: usize },
+    #[error("target_path is missing")]
+    MissingTargetPath,
+    #[error("volume_capability is missing")]
+    MissingCapability,
+    #[error("volume_capability has no access type; only the mount access type is supported")]
+    MissingAccessType,
+    #[error("block access is not supported: csi.scopehold.dev serves files (access type mount)")]
+    BlockAccess,
+    #[error("invalid target_path")]
+    TargetPath(#[source] TargetPathError),
+    #[error(
+        "volume_id does not match the target path (kubelet derives an inline volume's id from the pod UID and the volume name)"
+    )]
+    VolumeIdMismatch,
+    #[error("the pod UID in the target path differs from the csi.storage.k8s.io/pod.uid attribute")]
+    PodUidMismatch,
+    #[error("volume_mount_group is not a numeric group id")]
+    InvalidMountGroup,
+    #[error("invalid volume attributes")]
+    Attributes(#[source] VolumeContextError),
+    #[error(
+        "csi.scopehold.dev serves only CSI ephemeral inline volumes (csi.storage.k8s.io/ephemeral is \"false\")"
+    )]
+    NotEphemeral,
+    #[error("volume {volume_id:?} is already published at another target path")]
+    PublishedElsewhere { volume_id: String },
+    #[error("custody refused the volume: {message}")]
+    Refused { code: Code, message: String },
+    #[error("custody is unavailable: {message}")]
+    CustodyUnavailable { message: String },
+    #[error("custody failed ({code:?}): {message}")]
+    CustodyFailed { code: Code, message: String },
+    #[error("custody returned an unusable response: {reason}")]
+    BadResponse { reason: String },
+    #[error(
+        "grants {first:?} and {second:?} both deliver the file {file:?}; give one of them another path"
+    )]
+    FileConflict {
+        file: String,
+        first: String,
+        second: String,
+    },
+    #[error(
+        "the granted files total {total} bytes; a volume holds at most {limit} (half of --tmpfs-size, leaving room for a rotation)"
+    )]
+    PayloadTooLarge { total: u64, limit: u64 },
+    #[error("the volume holds {count} files; at most {MAX_FILES} are allowed")]
+    TooManyFiles { count: usize },
+    #[error("mounting the volume")]
+    Mount(#[source] MountError),
+    #[error("writing the volume's files")]
+    Write(#[source] AtomicWriteError),
+    #[error("recording the volume")]
+    Registry(#[source] RegistryError),
+    #[error("internal error: {0}")]
+    Task(String),
+}
+
+impl PublishError {
+    /// The gRPC code kubelet sees.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::MissingVolumeId
+            | Self::VolumeIdTooLong { .. }
+            | Self::MissingTargetPath
+            | Self::MissingCapability
+            | Self::MissingAccessType
+            | Self::BlockAccess
+            | Self::TargetPath(_)
+            | Self::VolumeIdMismatch
+            | Self::PodUidMismatch
+            | Self::InvalidMountGroup
+            | Self::Attributes(_) => Code::InvalidArgument,
+            Self::NotEphemeral
+            | Self::FileConflict { .. }
+            | Self::PayloadTooLarge { .. }
+            | Self::TooManyFiles { .. } => Code::FailedPrecondition,
+            Self::PublishedElsewhere { .. } => Code::AlreadyExists,
+            Self::Refused { code, .. } => *code,
+            Self::CustodyUnavailable { .. } => Code::Unavailable,
+            Self::Mount(error) => mount_error_code(error),
+            Self::CustodyFailed { .. }
+            | Self::BadResponse { .. }
+            | Self::Write(_)
+            | Self::Registry(_)
+            | Self::Task(_) => Code::Internal,
+        }
+    }
+
+    /// Classifies a status from custody (or from the client in front of it).
+    pub fn from_custody(status: &Status) -> Self {
+        let message = shorten(status.message(), MAX_CUSTODY_MESSAGE_BYTES);
+        match status.code() {
+            // Custody's decision about this pod: passed on as is.
+            code @ (Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::NotFound
+            | Code::InvalidArgument) => Self::Refused { code, message },
+            // Try again later; kubelet treats UNAVAILABLE as retryable.
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::ResourceExhausted => Self::CustodyUnavailable { message },
+            code => Self::CustodyFailed { code, message },
+        }
+    }
+
+    /// True when custody decided the pod gets nothing (as opposed to not
+    /// being able to decide): a republish then withdraws the files.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Refused { .. })
+    }
+}
+
+impl From<PublishError> for Status {
+    fn from(error: PublishError) -> Self {
+        Status::new(error.code(), error_chain(&error))
+    }
+}
+
+/// Why NodeUnpublishVolume failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpublishError {
+    #[error("volume_id is missing")]
+    MissingVolumeId,
+    #[error("volume_id is {len} bytes long; at most {MAX_VOLUME_ID_BYTES} are allowed")]
+    VolumeIdTooLong { len: usize },
+    #[error("target_path is missing")]
+    MissingTargetPath,
+    #[error("invalid target_path")]
+    TargetPath(#[source] TargetPathError),
+    #[error("unmounting the volume")]
+    Mount(#[source] MountError),
+    #[error(
+        "{} is not an empty directory after unmounting; refusing to delete what ScopeHold did not create",
+        path.display()
+    )]
+    TargetNotEmpty { path: PathBuf },
+    #[error("{} is not a directory; refusing to delete it", path.display())]
+    TargetNotDirectory { path: PathBuf },
+    #[error("removing {}", path.display())]
+    RemoveTarget {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("updating the registry")]
+    Registry(#[source] RegistryError),
+    #[error("internal error: {0}")]
+    Task(String),
+}
+
+impl UnpublishError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::MissingVolumeId
+            | Self::VolumeIdTooLong { .. }
+            | Self::MissingTargetPath
+            | Self::TargetPath(_) => Code::InvalidArgument,
+            Self::Mount(error) => mount_error_code(error),
+            Self::TargetNotEmpty { .. } | Self::TargetNotDirectory { .. } => {
+                Code::FailedPrecondition
+            }
+            Self::RemoveTarget { .. } | Self::Registry(_) | Self::Task(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<UnpublishError> for Status {
+    fn from(error: UnpublishError) -> Self {
+        Status::new(error.code(), error_chain(&error))
+    }
+}
+
+/// A mount that is not ours, or a target that is not a plain directory, is
+/// a state problem; anything else is a local failure.
+fn mount_error_code(error: &MountError) -> Code {
+    match error {
+        MountError::ForeignMount { .. }
+        | MountError::TargetIsSymlink { .. }
+        | MountError::TargetNotDirectory { .. } => Code::FailedPrecondition,
+        _ => Code::Internal,
+    }
+}
+
+/// `error: source: source…`, the message kubelet shows in the pod's events.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        message.push_str(": ");
+        message.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    message
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// What a successful publish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// True when this call mounted the tmpfs (first publish).
+    pub mounted: bool,
+    pub files: WriteOutcome,
+}
+
+/// A NodePublishVolume request that passed validation.
+#[derive(Debug)]
+struct CheckedPublish {
+    volume_id: String,
+    target: TargetPath,
+    attributes: PublishAttributes,
+    fs_group: Option<u32>,
+    read_only: bool,
+}
+
+/// Validates everything that needs no I/O. The three fields csi-sanity
+/// checks come first.
+fn check_publish(
+    config: &NodeConfig,
+    request: &csi::NodePublishVolumeRequest,
+) -> Result<CheckedPublish, PublishError> {
+    check_volume_id(&request.volume_id).map_err(|len| match len {
+        0 => PublishError::MissingVolumeId,
+        len => PublishError::VolumeIdTooLong { len },
+    })?;
+    if request.target_path.is_empty() {
+        return Err(PublishError::MissingTargetPath);
+    }
+    let capability = request
+        .volume_capability
+        .as_ref()
+        .ok_or(PublishError::MissingCapability)?;
+    let mount = match &capability.access_type {
+        Some(AccessType::Mount(mount)) => mount,
+        Some(AccessType::Block(_)) => return Err(PublishError::BlockAccess),
+        None => return Err(PublishError::MissingAccessType),
+    };
+
+    let target = config
+        .target_paths
+        .validate(&request.target_path)
+        .map_err(PublishError::TargetPath)?;
+    if let Some(volume) = target.kubelet_volume()
+        && volume.expected_volume_id() != request.volume_id
+    {
+        return Err(PublishError::VolumeIdMismatch);
+    }
+    let fs_group = match mount.volume_mount_group.as_str() {
+        "" => None,
+        group => Some(
+            group
+                .parse::<u32>()
+                .map_err(|_| PublishError::InvalidMountGroup)?,
+        ),
+    };
+    let attributes = parse_publish_attributes(&request.volume_context, &request.secrets)
+        .map_err(PublishError::Attributes)?;
+    if !attributes.ephemeral {
+        return Err(PublishError::NotEphemeral);
+    }
+    if let Some(volume) = target.kubelet_volume()
+        && volume.pod_uid != attributes.pod.uid
+    {
+        return Err(PublishError::PodUidMismatch);
+    }
+    Ok(CheckedPublish {
+        volume_id: request.volume_id.clone(),
+        target,
+        attributes,
+        fs_group,
+        read_only: request.readonly,
+    })
+}
+
+/// `Err(len)` for an empty (0) or too long id.
+fn check_volume_id(volume_id: &str) -> Result<(), usize> {
+    match volume_id.len() {
+        0 => Err(0),
+        len if len > MAX_VOLUME_ID_BYTES => Err(len),
+        _ => Ok(()),
+    }
+}
+
+/// The files of a response, checked, plus what the registry keeps of them.
+#[derive(Debug)]
+struct ResolvedPayload {
+    payload: Payload,
+    grants: Vec<PublishedGrant>,
+}
+
+/// Turns custody's answer into the volume's files. Refuses names the
+/// writer would refuse, modes beyond 0o777, one file name from two grants,
+/// and more content than the volume can hold through a rotation.
+fn build_payload(
+    response: &ResolveResponse,
+    limit_bytes: u64,
+) -> Result<ResolvedPayload, PublishError> {
+    let mut payload = Payload::new();
+    let mut owner_of: std::collections::BTreeMap<&str, &str> = Default::default();
+    let mut grants = Vec::with_capacity(response.grants.len());
+    let mut total: u64 = 0;
+    for grant in &response.grants {
+        let mut files = Vec::with_capacity(grant.files.len());
+        for file in &grant.files {
+            super::atomic_writer::validate_file_name(&file.path).map_err(|reason| {
+                PublishError::BadResponse {
+                    reason: format!(
+                        "grant {:?} has an invalid file name {:?}: {reason}",
+                        shorten(&grant.grant, 64),
+                        shorten(&file.path, 64)
+                    ),
+                }
+            })?;
+            if file.mode & !0o777 != 0 {
+                return Err(PublishError::BadResponse {
+                    reason: format!(
+                        "grant {:?} gives file {:?} the mode {:#o}; only permission bits are allowed",
+                        shorten(&grant.grant, 64),
+                        file.path,
+                        file.mode
+                    ),
+                });
+            }
+            if let Some(first) = owner_of.insert(&file.path, &grant.grant) {
+                return Err(PublishError::FileConflict {
+                    file: file.path.clone(),
+                    first: first.to_owned(),
+                    second: grant.grant.clone(),
+                });
+            }
+            total = total
+                .saturating_add(file.content.len() as u64)
+                .saturating_add(file.path.len() as u64);
+            payload.insert(
+                file.path.clone(),
+                FileContent::new(file.content.clone(), file.mode),
+            );
+            files.push(file.path.clone());
+        }
+        files.sort();
+        grants.push(PublishedGrant {
+            grant: grant.grant.clone(),
+            secret: grant.secret.clone(),
+            content_digest: grant.content_digest.clone(),
+            expires_at: grant
+                .expires_at
+                .as_ref()
+                .and_then(|at| jiff::Timestamp::new(at.seconds, at.nanos).ok()),
+            files,
+        });
+    }
+    if payload.len() > MAX_FILES {
+        return Err(PublishError::TooManyFiles {
+            count: payload.len(),
+        });
+    }
+    if total > limit_bytes {
+        return Err(PublishError::PayloadTooLarge {
+            total,
+            limit: limit_bytes,
+        });
+    }
+    Ok(ResolvedPayload { payload, grants })
+}
+
+/// A fresh random id that correlates the plugin's and custody's records.
+pub fn new_request_id() -> String {
+    let mut bytes = [0_u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness (should not happen on Linux): time and a hash
+        // with per-process random keys still make collisions unlikely.
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_nanos())
+                .unwrap_or_default(),
+        );
+        bytes[..8].copy_from_slice(&hasher.finish().to_le_bytes());
+    }
+    hex::encode(bytes)
+}
+
+/// Runs blocking file-system and mount work off the async threads.
+async fn blocking<T, E>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+    task_error: impl FnOnce(String) -> E,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(error) => Err(task_error(error.to_string())),
+    }
+}
+
+/// Everything the blocking part of a publish needs.
+struct Apply {
+    mounter: Mounter,
+    registry: Registry,
+    target: PathBuf,
+    options: TmpfsOptions,
+    payload: Payload,
+    fs_group: Option<u32>,
+    entry: PublishedVolume,
+}
+
+impl Apply {
+    /// Mounts (if needed), writes, records. On failure after mounting in
+    /// this call, unmounts and removes the target directory again.
+    fn run(self) -> Result<PublishOutcome, PublishError> {
+        let target = self.target.as_path();
+        let mounted = self
+            .mounter
+            .mount_tmpfs(target, &self.options)
+            .map_err(|error| {
+                // mount_tmpfs may have created the directory; remove it if it
+                // is empty and not a mount point.
+                if !self.mounter.is_mount_point(target).unwrap_or(true) {
+                    let _ = fs::remove_dir(target);
+                }
+                PublishError::Mount(error)
+            })?
+            == super::mounter::MountOutcome::Mounted;
+        let result = self.fill();
+        if result.is_err() && mounted {
+            undo_mount(&self.mounter, target);
+        }
+        result.map(|files| PublishOutcome { mounted, files })
+    }
+
+    fn fill(&self) -> Result<WriteOutcome, PublishError> {
+        let target = self.target.as_path();
+        // Always read-only to the pod, whatever `readonly` says: a writable
+        // mount would let the pod tamper with `..data` and its files.
+        self.mounter
+            .set_read_only(target, true)
+            .map_err(PublishError::Mount)?;
+        let view = self
+            .mounter
+            .writable_view(target)
+            .map_err(PublishError::Mount)?;
+        let written = AtomicWriter::new(view.path()).write(&self.payload, self.fs_group);
+        view.close().map_err(PublishError::Mount)?;
+        let written = written.map_err(PublishError::Write)?;
+        self.registry
+            .store(&self.entry)
+            .map_err(PublishError::Registry)?;
+        Ok(written)
+    }
+}
+
+/// Best-effort removal of a mount this call made, and of its directory.
+fn undo_mount(mounter: &Mounter, target: &Path) {
+    let unmounted = mounter
+        .unmount(target, UnmountMode::Normal)
+        .or_else(|_| mounter.unmount(target, UnmountMode::Detach));
+    match unmounted {
+        Ok(_) => {
+            if let Err(error) = fs::remove_dir(target)
+                && error.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(target_path = %target.display(), error = %error, "could not remove the target directory after a failed publish");
+            }
+        }
+        Err(error) => {
+            tracing::error!(target_path = %target.display(), error = %error, "could not unmount after a failed publish");
+        }
+    }
+}
+
+/// Empties a published volume (custody refused it on a republish) and
+/// records that no grant is mounted.
+fn withdraw(
+    mounter: &Mounter,
+    registry: &Registry,
+    target: &Path,
+    mut entry: PublishedVolume,
+    fs_group: Option<u32>,
+) -> Result<WriteOutcome, PublishError> {
+    let view = mounter.writable_view(target).map_err(PublishError::Mount)?;
+    let written = AtomicWriter::new(view.path()).write(&Payload::new(), fs_group);
+    view.close().map_err(PublishError::Mount)?;
+    let written = written.map_err(PublishError::Write)?;
+    entry.grants.clear();
+    entry.updated_at = jiff::Timestamp::now();
+    registry.store(&entry).map_err(PublishError::Registry)?;
+    Ok(written)
+}
+
+impl<R: Resolver> NodeService<R> {
+    pub fn new(config: NodeConfig, resolver: Arc<R>, mounter: Mounter, registry: Registry) -> Self {
+        Self {
+            config,
+            resolver,
+            mounter,
+            registry,
+            locks: KeyedLocks::new(),
+        }
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// NodePublishVolume.
+    pub async fn publish(
+        &self,
+        request: &csi::NodePublishVolumeRequest,
+    ) -> Result<PublishOutcome, PublishError> {
+        let checked = check_publish(&self.config, request)?;
+        let target = checked.target.path().to_path_buf();
+        let _guard = self.locks.lock(&target.to_string_lossy()).await;
+
+        // What is there already: a registry entry, our mount.
+        let (existing, mounted) = {
+            let registry = self.registry.clone();
+            let mounter = self.mounter.clone();
+            let volume_id = checked.volume_id.clone();
+            let target = target.clone();
+            blocking(
+                move || {
+                    let existing =
+                        load_entry(&registry, &volume_id).map_err(PublishError::Registry)?;
+                    let mounted = match mounter.mount_at(&target).map_err(PublishError::Mount)? {
+                        None => false,
+                        Some(entry) if entry.is_scopehold_tmpfs() => true,
+                        Some(entry) => {
+                            return Err(PublishError::Mount(MountError::ForeignMount {
+                                path: target,
+                                fs_type: entry.fs_type,
+                                mount_source: entry.source,
+                            }));
+                        }
+                    };
+                    Ok((existing, mounted))
+                },
+                PublishError::Task,
+            )
+            .await?
+        };
+        if let Some(entry) = &existing
+            && entry.target_path != target
+        {
+            return Err(PublishError::PublishedElsewhere {
+                volume_id: checked.volume_id.clone(),
+            });
+        }
+
+        let request_id = new_request_id();
+        let pod = &checked.attributes.pod;
+        let resolve_request = ResolveRequest {
+            request_id: request_id.clone(),
+            pod_token: checked.attributes.token.secret_value().to_owned(),
+            pod_namespace: pod.namespace.clone(),
+            pod_name: pod.name.clone(),
+            pod_uid: pod.uid.clone(),
+            service_account_name: pod.service_account_name.clone(),
+            node_name: self.config.node_name.clone(),
+            volume_id: checked.volume_id.clone(),
+            grants: checked.attributes.grants.clone(),
+            fs_group: checked.fs_group.map(i64::from),
+        };
+        let now = jiff::Timestamp::now();
+        let mut entry = PublishedVolume {
+            format_version: REGISTRY_FORMAT_VERSION,
+            volume_id: checked.volume_id.clone(),
+            target_path: target.clone(),
+            pod: PodRef {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                uid: pod.uid.clone(),
+                service_account_name: pod.service_account_name.clone(),
+            },
+            agent: existing
+                .as_ref()
+                .map(|entry| entry.agent.clone())
+                .unwrap_or_default(),
+            requested_grants: checked.attributes.grants.clone(),
+            grants: Vec::new(),
+            fs_group: checked.fs_group,
+            read_only: checked.read_only,
+            published_at: existing
+                .as_ref()
+                .map(|entry| entry.published_at)
+                .unwrap_or(now),
+            updated_at: now,
+        };
+
+        let response = match self.resolver.resolve(resolve_request).await {
+            Ok(response) => response,
+            Err(status) => {
+                let error = PublishError::from_custody(&status);
+                if mounted && error.is_refusal() {
+                    self.withdraw_after_refusal(&checked, entry, &request_id)
+                        .await;
+                }
+                return Err(error);
+            }
+        };
+        let resolved = build_payload(&response, self.config.payload_limit_bytes())?;
+        entry.agent = response.agent.clone();
+        entry.grants = resolved.grants;
+        let summary = GrantSummary(&entry.grants);
+
+        let apply = Apply {
+            mounter: self.mounter.clone(),
+            registry: self.registry.clone(),
+            target: target.clone(),
+            options: TmpfsOptions {
+                size_bytes: self.config.tmpfs_size_bytes,
+                mode: if checked.fs_group.is_some() {
+                    ROOT_MODE_WITH_GROUP
+                } else {
+                    ROOT_MODE_WITHOUT_GROUP
+                },
+                gid: checked.fs_group,
+            },
+            payload: resolved.payload,
+            fs_group: checked.fs_group,
+            entry: entry.clone(),
+        };
+        let outcome = blocking(move || apply.run(), PublishError::Task).await?;
+        tracing::info!(
+            volume_id = %checked.volume_id,
+            namespace = %pod.namespace,
+            pod = %pod.name,
+            agent = %entry.agent,
+            grants = %summary,
+            request_id = %request_id,
+            mounted = outcome.mounted,
+            files = ?outcome.files,
+            "volume published"
+        );
+        Ok(outcome)
+    }
+
+    async fn withdraw_after_refusal(
+        &self,
+        checked: &CheckedPublish,
+        entry: PublishedVolume,
+        request_id: &str,
+    ) {
+        let mounter = self.mounter.clone();
+        let registry = self.registry.clone();
+        let target = checked.target.path().to_path_buf();
+        let fs_group = checked.fs_group;
+        let result = blocking(
+            move || withdraw(&mounter, &registry, &target, entry, fs_group),
+            PublishError::Task,
+        )
+        .await;
+        let pod = &checked.attributes.pod;
+        match result {
+            Ok(_) => tracing::warn!(
+                volume_id = %checked.volume_id,
+                namespace = %pod.namespace,
+                pod = %pod.name,
+                request_id = %request_id,
+                "custody refused a republish; the volume's files were withdrawn"
+            ),
+            Err(error) => tracing::error!(
+                volume_id = %checked.volume_id,
+                namespace = %pod.namespace,
+                pod = %pod.name,
+                request_id = %request_id,
+                error = %error_chain(&error),
+                "custody refused a republish and the files could not be withdrawn"
+            ),
+        }
+    }
+
+    /// NodeUnpublishVolume: unmounts our tmpfs, removes the target
+    /// directory and the registry entry. Already gone is success.
+    pub async fn unpublish(
+        &self,
+        request: &csi::NodeUnpublishVolumeRequest,
+    ) -> Result<(), UnpublishError> {
+        check_volume_id(&request.volume_id).map_err(|len| match len {
+            0 => UnpublishError::MissingVolumeId,
+            len => UnpublishError::VolumeIdTooLong { len },
+        })?;
+        if request.target_path.is_empty() {
+            return Err(UnpublishError::MissingTargetPath);
+        }
+        let target = self
+            .config
+            .target_paths
+            .validate(&request.target_path)
+            .map_err(UnpublishError::TargetPath)?
+            .path()
+            .to_path_buf();
+        let _guard = self.locks.lock(&target.to_string_lossy()).await;
+        let mounter = self.mounter.clone();
+        let registry = self.registry.clone();
+        let volume_id = request.volume_id.clone();
+        let removed_entry = blocking(
+            move || unpublish_blocking(&mounter, &registry, &volume_id, &target),
+            UnpublishError::Task,
+        )
+        .await?;
+        tracing::info!(
+            volume_id = %request.volume_id,
+            namespace = removed_entry.as_ref().map(|entry| entry.pod.namespace.as_str()),
+            pod = removed_entry.as_ref().map(|entry| entry.pod.name.as_str()),
+            agent = removed_entry.as_ref().map(|entry| entry.agent.as_str()),
+            "volume unpublished"
+        );
+        Ok(())
+    }
+}
+
+fn unpublish_blocking(
+    mounter: &Mounter,
+    registry: &Registry,
+    volume_id: &str,
+    target: &Path,
+) -> Result<Option<PublishedVolume>, UnpublishError> {
+    match mounter.unmount(target, UnmountMode::Normal) {
+        Ok(_) => {}
+        // Still busy (a container runtime lagging behind): detach; the
+        // kernel frees the tmpfs when the last user goes.
+        Err(MountError::Sys {
+            source: nix::errno::Errno::EBUSY,
+            ..
+        }) => {
+            mounter
+                .unmount(target, UnmountMode::Detach)
+                .map_err(UnpublishError::Mount)?;
+        }
+        Err(error) => return Err(UnpublishError::Mount(error)),
+    }
+    match fs::symlink_metadata(target) {
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(UnpublishError::RemoveTarget {
+                path: target.to_path_buf(),
+                source: error,
+            });
+        }
+        Ok(metadata) if !metadata.is_dir() => {
+            return Err(UnpublishError::TargetNotDirectory {
+                path: target.to_path_buf(),
+            });
+        }
+        Ok(_) => match fs::remove_dir(target) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) if error.kind() == io::ErrorKind::DirectoryNotEmpty => {
+                return Err(UnpublishError::TargetNotEmpty {
+                    path: target.to_path_buf(),
+                });
+            }
+            Err(error) => {
+                return Err(UnpublishError::RemoveTarget {
+                    path: target.to_path_buf(),
+                    source: error,
+                });
+            }
+        },
+    }
+    // Forget the volume only if the entry is the one for this target (an
+    // unreadable entry is forgotten too: it describes nothing usable).
+    let entry = load_entry(registry, volume_id).map_err(UnpublishError::Registry)?;
+    match entry {
+        Some(entry) if entry.target_path == target => {
+            registry
+                .remove(volume_id)
+                .map_err(UnpublishError::Registry)?;
+            Ok(Some(entry))
+        }
+        Some(entry) => {
+            tracing::warn!(
+                volume_id = %volume_id,
+                recorded_target = %entry.target_path.display(),
+                target_path = %target.display(),
+                "unpublished a target that the registry does not record for this volume; keeping the entry"
+            );
+            Ok(None)
+        }
+        None => {
+            registry
+                .remove(volume_id)
+                .map_err(UnpublishError::Registry)?;
+            Ok(None)
+        }
+    }
+}
+
+/// The registry entry of a volume. An entry that exists but cannot be used
+/// (corrupt, another format version, misplaced, oversized) is reported and
+/// treated as absent, so that it never blocks a publish or an unpublish; the
+/// next store replaces it. I/O errors stay errors.
+fn load_entry(
+    registry: &Registry,
+    volume_id: &str,
+) -> Result<Option<PublishedVolume>, RegistryError> {
+    match registry.load(volume_id) {
+        Ok(entry) => Ok(entry),
+        Err(error @ RegistryError::Io { .. }) => Err(error),
+        Err(error) => {
+            tracing::warn!(
+                volume_id = %id_for_log(volume_id),
+                error = %error_chain(&error),
+                "ignoring an unusable registry entry"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// `grant@digest,…` for log lines.
+struct GrantSummary<'a>(&'a [PublishedGrant]);
+
+impl fmt::Display for GrantSummary<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, grant) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{}@{}", grant.grant, grant.content_digest)?;
+        }
+        Ok(())
+    }
+}
+
+/// Shortens a request's (possibly hostile) volume id for a log line.
+fn id_for_log(volume_id: &str) -> String {
+    shorten(volume_id, MAX_ID_IN_LOG)
+}
+
+#[tonic::async_trait]
+impl<R: Resolver> Node for NodeService<R> {
+    async fn node_stage_volume(
+        &self,
+        _request: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "NodeStageVolume is not supported (no STAGE_UNSTAGE_VOLUME capability)",
+        ))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        _request: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "NodeUnstageVolume is not supported (no STAGE_UNSTAGE_VOLUME capability)",
+        ))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        let request = request.into_inner();
+        match self.publish(&request).await {
+            Ok(_) => Ok(Response::new(csi::NodePublishVolumeResponse {})),
+            Err(error) => {
+                tracing::warn!(
+                    volume_id = %id_for_log(&request.volume_id),
+                    code = ?error.code(),
+                    error = %error_chain(&error),
+                    "NodePublishVolume failed"
+                );
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        let request = request.into_inner();
+        match self.unpublish(&request).await {
+            Ok(()) => Ok(Response::new(csi::NodeUnpublishVolumeResponse {})),
+            Err(error) => {
+                tracing::warn!(
+                    volume_id = %id_for_log(&request.volume_id),
+                    code = ?error.code(),
+                    error = %error_chain(&error),
+                    "NodeUnpublishVolume failed"
+                );
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        _request: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        Err(Status::unimplemented(
+            "NodeGetVolumeStats is not supported (no GET_VOLUME_STATS capability)",
+        ))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _request: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "NodeExpandVolume is not supported (no EXPAND_VOLUME capability)",
+        ))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities: vec![csi::NodeServiceCapability {
+                r#type: Some(csi::node_service_capability::Type::Rpc(
+                    csi::node_service_capability::Rpc {
+                        r#type: RpcType::VolumeMountGroup as i32,
+                    },
+                )),
+            }],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _request: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        Ok(Response::new(csi::NodeGetInfoResponse {
+            node_id: self.config.node_name.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: None,
+        }))
+    }
+}
+
+#[cfg(test)]
+#[path = "node_tests.rs"]
+mod tests;

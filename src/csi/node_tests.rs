@@ -1,0 +1,1163 @@
+//! Unit tests of the Node and Identity services with a fake resolver and
+//! real tmpfs mounts under a temporary directory (the tests run as root).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tonic::{Code, Request, Status};
+
+use super::*;
+use crate::csi::identity::{DRIVER_NAME, IdentityService};
+use crate::csi::mounter::parse_mountinfo;
+use crate::csi::resolver::{CustodyClientConfig, CustodyResolver};
+use crate::csi::target_path::kubelet_volume_id;
+use crate::csi::volume_context::{
+    EPHEMERAL_KEY, GRANTS_KEY, POD_NAME_KEY, POD_NAMESPACE_KEY, POD_UID_KEY,
+    SERVICE_ACCOUNT_NAME_KEY, SERVICE_ACCOUNT_TOKENS_KEY, TOKEN_AUDIENCE,
+};
+use crate::proto::csi::v1::identity_server::Identity;
+use crate::proto::csi::v1::volume_capability::{AccessMode, BlockVolume, MountVolume};
+use crate::proto::scopehold::v1::{File as CustodyFile, ResolvedGrant};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const UID: &str = "0f8e6a2c-3b1d-4c5e-9f70-1a2b3c4d5e6f";
+const VOLUME: &str = "credentials";
+const POD_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.eyJwb2QiOiJjbGF1ZGUtMCJ9.cG9kLXRva2VuLXNpZw";
+const SECRET_A: &[u8] = b"sk-live-unit-test-value-a";
+const SECRET_B: &[u8] = b"ghp-unit-test-value-b";
+const FS_GROUP: u32 = 4567;
+const TMPFS_SIZE: u64 = 1024 * 1024;
+
+/// A resolver that records requests and gives a preset answer.
+struct FakeResolver {
+    answer: Mutex<Result<ResolveResponse, Status>>,
+    requests: Mutex<Vec<ResolveRequest>>,
+    reachable: bool,
+}
+
+impl FakeResolver {
+    fn new(answer: Result<ResolveResponse, Status>) -> Self {
+        Self {
+            answer: Mutex::new(answer),
+            requests: Mutex::new(Vec::new()),
+            reachable: true,
+        }
+    }
+
+    fn set_answer(&self, answer: Result<ResolveResponse, Status>) {
+        if let Ok(mut current) = self.answer.lock() {
+            *current = answer;
+        }
+    }
+
+    fn requests(&self) -> Vec<ResolveRequest> {
+        self.requests
+            .lock()
+            .map(|requests| requests.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Resolver for FakeResolver {
+    async fn resolve(&self, request: ResolveRequest) -> Result<ResolveResponse, Status> {
+        if let Ok(mut requests) = self.requests.lock() {
+            requests.push(request);
+        }
+        self.answer
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))?
+            .clone()
+    }
+
+    async fn probe(&self) -> bool {
+        self.reachable
+    }
+}
+
+fn grant(name: &str, digest: &str, files: &[(&str, &[u8], u32)]) -> ResolvedGrant {
+    ResolvedGrant {
+        grant: name.to_owned(),
+        secret: format!("{name}-secret"),
+        content_digest: digest.to_owned(),
+        expires_at: Some(prost_types::Timestamp {
+            seconds: 1_900_000_000,
+            nanos: 0,
+        }),
+        files: files
+            .iter()
+            .map(|(path, content, mode)| CustodyFile {
+                path: (*path).to_owned(),
+                key: (*path).to_owned(),
+                mode: *mode,
+                content: content.to_vec(),
+            })
+            .collect(),
+    }
+}
+
+fn two_grants() -> ResolveResponse {
+    ResolveResponse {
+        agent: "claude".to_owned(),
+        grants: vec![
+            grant(
+                "github-ro",
+                "bbbbbbbbbbbb",
+                &[("gh-token", SECRET_B, 0o400)],
+            ),
+            grant(
+                "supabase-dev",
+                "aaaaaaaaaaaa",
+                &[("api-key", SECRET_A, 0o440)],
+            ),
+        ],
+        refresh_after_seconds: 0,
+    }
+}
+
+/// A kubelet directory under a temp dir, a Node service over it, and
+/// cleanup of any mount a failing test leaves.
+struct Fixture<R: Resolver> {
+    root: tempfile::TempDir,
+    resolver: Arc<R>,
+    service: NodeService<R>,
+}
+
+impl<R: Resolver> Fixture<R> {
+    fn with_resolver(resolver: R) -> Result<Self, Box<dyn std::error::Error>> {
+        Self::with_scratch(resolver, None)
+    }
+
+    fn with_scratch(
+        resolver: R,
+        scratch: Option<PathBuf>,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let kubelet = root.path().join("kubelet");
+        // Kubelet creates the parent of the target path, never the target.
+        fs::create_dir_all(
+            target_in(&kubelet, UID, VOLUME)
+                .parent()
+                .ok_or("no parent")?,
+        )?;
+        let resolver = Arc::new(resolver);
+        let service = NodeService::new(
+            NodeConfig {
+                node_name: "node-1".to_owned(),
+                target_paths: TargetPathPolicy::kubelet(&kubelet.to_string_lossy())?,
+                tmpfs_size_bytes: TMPFS_SIZE,
+            },
+            resolver.clone(),
+            Mounter::new(scratch.unwrap_or_else(|| root.path().join("scratch"))),
+            Registry::open(root.path().join("state"))?,
+        );
+        Ok(Self {
+            root,
+            resolver,
+            service,
+        })
+    }
+
+    fn kubelet_dir(&self) -> PathBuf {
+        self.root.path().join("kubelet")
+    }
+
+    fn target(&self) -> PathBuf {
+        target_in(&self.kubelet_dir(), UID, VOLUME)
+    }
+
+    fn registry(&self) -> Result<Registry, RegistryError> {
+        Registry::open(self.root.path().join("state"))
+    }
+
+    /// A NodePublishVolume request as kubelet sends it for this pod.
+    fn request(&self) -> csi::NodePublishVolumeRequest {
+        publish_request(&self.target(), UID, VOLUME)
+    }
+
+    /// How many mounts sit exactly at `path`.
+    fn mounts_at(&self, path: &Path) -> Result<usize, Box<dyn std::error::Error>> {
+        let Ok(canonical) = fs::canonicalize(path) else {
+            return Ok(0);
+        };
+        Ok(mounts()?
+            .iter()
+            .filter(|entry| entry.mount_point == canonical)
+            .count())
+    }
+
+    /// Mounts anywhere under the fixture's root.
+    fn mounts_under_root(&self) -> Result<usize, Box<dyn std::error::Error>> {
+        let root = fs::canonicalize(self.root.path())?;
+        Ok(mounts()?
+            .iter()
+            .filter(|entry| entry.mount_point.starts_with(&root))
+            .count())
+    }
+
+    /// Every path under the root (not following links), for "nothing was
+    /// created" checks.
+    fn tree(&self) -> Result<BTreeSet<PathBuf>, std::io::Error> {
+        let mut paths = BTreeSet::new();
+        let mut pending = vec![self.root.path().to_path_buf()];
+        while let Some(dir) = pending.pop() {
+            for entry in fs::read_dir(&dir)? {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    pending.push(entry.path());
+                }
+                paths.insert(entry.path());
+            }
+        }
+        Ok(paths)
+    }
+}
+
+impl<R: Resolver> Drop for Fixture<R> {
+    fn drop(&mut self) {
+        let Ok(root) = fs::canonicalize(self.root.path()) else {
+            return;
+        };
+        let Ok(entries) = mounts() else {
+            return;
+        };
+        // Deepest first.
+        for entry in entries.iter().rev() {
+            if entry.mount_point.starts_with(&root) {
+                let _ = nix::mount::umount2(&entry.mount_point, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+fn mounts() -> Result<Vec<crate::csi::mounter::MountInfoEntry>, Box<dyn std::error::Error>> {
+    Ok(parse_mountinfo(&fs::read("/proc/self/mountinfo")?)?)
+}
+
+fn target_in(kubelet: &Path, uid: &str, volume: &str) -> PathBuf {
+    kubelet
+        .join("pods")
+        .join(uid)
+        .join("volumes")
+        .join("kubernetes.io~csi")
+        .join(volume)
+        .join("mount")
+}
+
+fn mount_capability(volume_mount_group: &str) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode { mode: 1 }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: String::new(),
+            mount_flags: Vec::new(),
+            volume_mount_group: volume_mount_group.to_owned(),
+        })),
+    }
+}
+
+fn publish_request(target: &Path, uid: &str, volume: &str) -> csi::NodePublishVolumeRequest {
+    let tokens = serde_json::json!({
+        TOKEN_AUDIENCE: {"token": POD_TOKEN, "expirationTimestamp": "2030-01-01T00:00:00Z"}
+    })
+    .to_string();
+    csi::NodePublishVolumeRequest {
+        volume_id: crate::csi::target_path::kubelet_volume_id(uid, volume),
+        target_path: target.to_string_lossy().into_owned(),
+        volume_capability: Some(mount_capability(&FS_GROUP.to_string())),
+        readonly: true,
+        secrets: HashMap::from([(SERVICE_ACCOUNT_TOKENS_KEY.to_owned(), tokens)]),
+        volume_context: [
+            (POD_NAME_KEY, "claude-0"),
+            (POD_NAMESPACE_KEY, "agents"),
+            (POD_UID_KEY, uid),
+            (SERVICE_ACCOUNT_NAME_KEY, "claude"),
+            (EPHEMERAL_KEY, "true"),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .collect(),
+        ..Default::default()
+    }
+}
+
+fn unpublish_request(volume_id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
+    csi::NodeUnpublishVolumeRequest {
+        volume_id: volume_id.to_owned(),
+        target_path: target.to_string_lossy().into_owned(),
+    }
+}
+
+/// User-visible names in a volume (without the writer's `..` entries).
+fn visible_files(target: &Path) -> Result<BTreeSet<String>, std::io::Error> {
+    let mut names = BTreeSet::new();
+    for entry in fs::read_dir(target)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("..") {
+            names.insert(name);
+        }
+    }
+    Ok(names)
+}
+
+fn assert_clean_message(status: &Status) {
+    let message = status.message();
+    assert!(!message.contains(POD_TOKEN), "token leaked: {message}");
+    assert!(
+        !message.contains("cG9kLXRva2VuLXNpZw"),
+        "token leaked: {message}"
+    );
+    assert!(
+        !message.contains(std::str::from_utf8(SECRET_A).unwrap_or("x")),
+        "secret leaked: {message}"
+    );
+}
+
+#[tokio::test]
+async fn publish_writes_exactly_the_returned_files_with_modes_and_group() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let mut request = fixture.request();
+    request
+        .volume_context
+        .insert(GRANTS_KEY.to_owned(), "supabase-dev, github-ro".to_owned());
+    let outcome = fixture.service.publish(&request).await?;
+    assert_eq!(
+        outcome,
+        PublishOutcome {
+            mounted: true,
+            files: WriteOutcome::Written
+        }
+    );
+    let target = fixture.target();
+
+    // One read-only tmpfs of ours.
+    assert_eq!(fixture.mounts_at(&target)?, 1);
+    let mount = Mounter::new(fixture.root.path().join("scratch"))
+        .mount_at(&target)?
+        .ok_or("not mounted")?;
+    assert!(mount.is_scopehold_tmpfs());
+    assert!(mount.is_read_only());
+    let root_metadata = fs::metadata(&target)?;
+    assert_eq!(
+        (root_metadata.mode() & 0o7777, root_metadata.gid()),
+        (0o750, FS_GROUP)
+    );
+
+    // Exactly the returned files, with their modes and the pod's fsGroup.
+    assert_eq!(
+        visible_files(&target)?,
+        BTreeSet::from(["api-key".to_owned(), "gh-token".to_owned()])
+    );
+    for (name, content, mode) in [("api-key", SECRET_A, 0o440), ("gh-token", SECRET_B, 0o400)] {
+        let path = target.join(name);
+        assert_eq!(fs::read(&path)?, content);
+        let metadata = fs::metadata(&path)?;
+        assert_eq!(
+            (metadata.mode() & 0o7777, metadata.gid()),
+            (mode, FS_GROUP),
+            "{name}"
+        );
+    }
+    assert!(fs::write(target.join("api-key"), b"tamper").is_err());
+    assert!(fs::write(target.join("new-file"), b"x").is_err());
+
+    // What custody was asked.
+    let requests = fixture.resolver.requests();
+    assert_eq!(requests.len(), 1);
+    let sent = &requests[0];
+    assert_eq!(sent.pod_token, POD_TOKEN);
+    assert_eq!(
+        (
+            sent.pod_namespace.as_str(),
+            sent.pod_name.as_str(),
+            sent.pod_uid.as_str(),
+            sent.service_account_name.as_str(),
+            sent.node_name.as_str(),
+        ),
+        ("agents", "claude-0", UID, "claude", "node-1")
+    );
+    assert_eq!(sent.volume_id, request.volume_id);
+    assert_eq!(sent.grants, vec!["github-ro", "supabase-dev"]);
+    assert_eq!(sent.fs_group, Some(i64::from(FS_GROUP)));
+    assert_eq!(sent.request_id.len(), 32);
+    assert!(sent.request_id.bytes().all(|b| b.is_ascii_hexdigit()));
+
+    // The registry knows the volume, without values or tokens.
+    let registry = fixture.registry()?;
+    let entry = registry
+        .load(&request.volume_id)?
+        .ok_or("no registry entry")?;
+    assert_eq!(entry.target_path, target);
+    assert_eq!(entry.agent, "claude");
+    assert_eq!(entry.fs_group, Some(FS_GROUP));
+    assert_eq!(entry.requested_grants, vec!["github-ro", "supabase-dev"]);
+    let grants: Vec<(&str, &str, Vec<String>)> = entry
+        .grants
+        .iter()
+        .map(|g| (g.grant.as_str(), g.content_digest.as_str(), g.files.clone()))
+        .collect();
+    assert_eq!(
+        grants,
+        vec![
+            ("github-ro", "bbbbbbbbbbbb", vec!["gh-token".to_owned()]),
+            ("supabase-dev", "aaaaaaaaaaaa", vec!["api-key".to_owned()]),
+        ]
+    );
+    assert!(entry.grants.iter().all(|g| g.expires_at.is_some()));
+    let stored = fs::read(registry.path_for(&request.volume_id))?;
+    let stored = String::from_utf8_lossy(&stored);
+    for leaked in [
+        POD_TOKEN,
+        std::str::from_utf8(SECRET_A)?,
+        std::str::from_utf8(SECRET_B)?,
+    ] {
+        assert!(!stored.contains(leaked), "registry holds a value: {stored}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn publish_without_fs_group_uses_root_group_and_a_traversable_root() -> TestResult {
+    let answer = ResolveResponse {
+        agent: "claude".to_owned(),
+        grants: vec![grant("g", "cccccccccccc", &[("api-key", SECRET_A, 0o444)])],
+        refresh_after_seconds: 0,
+    };
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(answer)))?;
+    let mut request = fixture.request();
+    request.volume_capability = Some(mount_capability(""));
+    fixture.service.publish(&request).await?;
+    let target = fixture.target();
+    assert_eq!(fs::metadata(&target)?.mode() & 0o7777, 0o755);
+    let metadata = fs::metadata(target.join("api-key"))?;
+    assert_eq!(
+        (metadata.mode() & 0o7777, metadata.gid()),
+        (0o444, nix::unistd::getegid().as_raw())
+    );
+    assert_eq!(fixture.resolver.requests()[0].fs_group, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn second_publish_is_idempotent_and_converges_content() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let request = fixture.request();
+    let target = fixture.target();
+    fixture.service.publish(&request).await?;
+    let first_entry = fixture
+        .registry()?
+        .load(&request.volume_id)?
+        .ok_or("no entry")?;
+
+    // Same answer: nothing rewritten, never a second mount.
+    let again = fixture.service.publish(&request).await?;
+    assert_eq!(
+        again,
+        PublishOutcome {
+            mounted: false,
+            files: WriteOutcome::Unchanged
+        }
+    );
+    assert_eq!(fixture.mounts_at(&target)?, 1);
+    assert_eq!(
+        fixture.resolver.requests().len(),
+        2,
+        "a republish re-resolves"
+    );
+
+    // Rotation and a withdrawn grant converge.
+    fixture.set_answer(Ok(ResolveResponse {
+        agent: "claude".to_owned(),
+        grants: vec![grant(
+            "supabase-dev",
+            "dddddddddddd",
+            &[("api-key", b"rotated-value", 0o440)],
+        )],
+        refresh_after_seconds: 0,
+    }));
+    let rotated = fixture.service.publish(&request).await?;
+    assert_eq!(rotated.files, WriteOutcome::Written);
+    assert_eq!(fixture.mounts_at(&target)?, 1);
+    assert_eq!(
+        visible_files(&target)?,
+        BTreeSet::from(["api-key".to_owned()])
+    );
+    assert_eq!(fs::read(target.join("api-key"))?, b"rotated-value");
+    let entry = fixture
+        .registry()?
+        .load(&request.volume_id)?
+        .ok_or("no entry")?;
+    assert_eq!(entry.published_at, first_entry.published_at);
+    assert_eq!(entry.grants.len(), 1);
+    assert_eq!(entry.grants[0].content_digest, "dddddddddddd");
+    Ok(())
+}
+
+impl Fixture<FakeResolver> {
+    fn set_answer(&self, answer: Result<ResolveResponse, Status>) {
+        self.resolver.set_answer(answer);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_of_one_target_mount_once() -> TestResult {
+    let fixture = Arc::new(Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let fixture = fixture.clone();
+        tasks.push(tokio::spawn(async move {
+            let request = fixture.request();
+            fixture.service.publish(&request).await.map(|o| o.mounted)
+        }));
+    }
+    let mut mounted = 0;
+    for task in tasks {
+        if task.await?? {
+            mounted += 1;
+        }
+    }
+    assert_eq!(mounted, 1);
+    assert_eq!(fixture.mounts_at(&fixture.target())?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unpublish_removes_everything_and_is_idempotent() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let request = fixture.request();
+    let target = fixture.target();
+    fixture.service.publish(&request).await?;
+
+    let unpublish = unpublish_request(&request.volume_id, &target);
+    fixture.service.unpublish(&unpublish).await?;
+    assert_eq!(fixture.mounts_under_root()?, 0);
+    assert!(!target.exists(), "target directory left behind");
+    assert!(
+        target.parent().is_some_and(Path::exists),
+        "kubelet's parent removed"
+    );
+    assert_eq!(fixture.registry()?.load(&request.volume_id)?, None);
+    assert_eq!(fixture.registry()?.load_all()?.volumes.len(), 0);
+
+    // Again, and for a volume never published: OK.
+    fixture.service.unpublish(&unpublish).await?;
+    let other_target = target_in(&fixture.kubelet_dir(), UID, "never-published");
+    fixture
+        .service
+        .unpublish(&unpublish_request(
+            &kubelet_volume_id(UID, "never-published"),
+            &other_target,
+        ))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn unpublish_of_an_unmounted_but_existing_target_removes_the_empty_directory() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let target = fixture.target();
+    fs::create_dir(&target)?;
+    fixture
+        .service
+        .unpublish(&unpublish_request("csi-x", &target))
+        .await?;
+    assert!(!target.exists());
+
+    // A non-empty directory that is not our mount is not deleted.
+    fs::create_dir(&target)?;
+    fs::write(target.join("someone-elses"), b"keep")?;
+    let error = fixture
+        .service
+        .unpublish(&unpublish_request("csi-x", &target))
+        .await
+        .err()
+        .ok_or("accepted")?;
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(fs::read(target.join("someone-elses"))?, b"keep");
+    Ok(())
+}
+
+#[tokio::test]
+async fn hostile_publish_requests_are_invalid_argument_and_touch_nothing() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let outside = fixture.root.path().join("outside");
+    let base = fixture.request();
+    let kubelet = fixture.kubelet_dir();
+    type Mutation = Box<dyn Fn(&mut csi::NodePublishVolumeRequest)>;
+    let path_case = |path: String| -> Mutation {
+        Box::new(move |request: &mut csi::NodePublishVolumeRequest| {
+            request.target_path = path.clone()
+        })
+    };
+    let cases: Vec<(&str, Mutation)> = vec![
+        ("empty volume id", Box::new(|r| r.volume_id.clear())),
+        (
+            "long volume id",
+            Box::new(|r| r.volume_id = "v".repeat(MAX_VOLUME_ID_BYTES + 1)),
+        ),
+        ("empty target", Box::new(|r| r.target_path.clear())),
+        (
+            "target outside the kubelet dir",
+            path_case(
+                target_in(&outside, UID, VOLUME)
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+        ),
+        (
+            "dot-dot in the target",
+            path_case(format!(
+                "{}/pods/{UID}/volumes/kubernetes.io~csi/{VOLUME}/../../../../../../outside/mount",
+                kubelet.display()
+            )),
+        ),
+        ("etc", path_case("/etc".to_owned())),
+        ("relative target", path_case("pods/x/mount".to_owned())),
+        (
+            "not the kubelet layout",
+            path_case(format!(
+                "{}/pods/{UID}/volumes/kubernetes.io~csi/{VOLUME}",
+                kubelet.display()
+            )),
+        ),
+        ("no capability", Box::new(|r| r.volume_capability = None)),
+        (
+            "no access type",
+            Box::new(|r| {
+                r.volume_capability = Some(csi::VolumeCapability {
+                    access_mode: Some(AccessMode { mode: 1 }),
+                    access_type: None,
+                })
+            }),
+        ),
+        (
+            "block",
+            Box::new(|r| {
+                r.volume_capability = Some(csi::VolumeCapability {
+                    access_mode: Some(AccessMode { mode: 1 }),
+                    access_type: Some(AccessType::Block(BlockVolume {})),
+                })
+            }),
+        ),
+        (
+            "volume id of another volume",
+            Box::new(|r| r.volume_id = kubelet_volume_id(UID, "other")),
+        ),
+        (
+            "pod uid attribute differs from the path",
+            Box::new(|r| {
+                r.volume_context.insert(
+                    POD_UID_KEY.to_owned(),
+                    "11111111-2222-3333-4444-555555555555".to_owned(),
+                );
+            }),
+        ),
+        (
+            "oversized attribute",
+            Box::new(|r| {
+                r.volume_context
+                    .insert(GRANTS_KEY.to_owned(), "a".repeat(20 * 1024));
+            }),
+        ),
+        (
+            "unknown attribute",
+            Box::new(|r| {
+                r.volume_context
+                    .insert("grant".to_owned(), "typo".to_owned());
+            }),
+        ),
+        (
+            "path traversal in grants",
+            Box::new(|r| {
+                r.volume_context
+                    .insert(GRANTS_KEY.to_owned(), "../../etc".to_owned());
+            }),
+        ),
+        (
+            "hostile pod name",
+            Box::new(|r| {
+                r.volume_context
+                    .insert(POD_NAME_KEY.to_owned(), "../../etc/passwd".to_owned());
+            }),
+        ),
+        (
+            "non-numeric mount group",
+            Box::new(|r| r.volume_capability = Some(mount_capability("wheel"))),
+        ),
+        (
+            "negative mount group",
+            Box::new(|r| r.volume_capability = Some(mount_capability("-1"))),
+        ),
+        ("no token", Box::new(|r| r.secrets.clear())),
+        (
+            "malformed token",
+            Box::new(|r| {
+                r.secrets.insert(
+                    SERVICE_ACCOUNT_TOKENS_KEY.to_owned(),
+                    format!("{{\"scopehold.dev\":\"{POD_TOKEN}\""),
+                );
+            }),
+        ),
+    ];
+    let before = fixture.tree()?;
+    for (name, mutate) in &cases {
+        let mut request = base.clone();
+        mutate(&mut request);
+        let error = fixture
+            .service
+            .publish(&request)
+            .await
+            .err()
+            .ok_or(format!("{name}: accepted"))?;
+        assert_eq!(error.code(), Code::InvalidArgument, "{name}: {error}");
+        assert_clean_message(&Status::from(error));
+    }
+    assert!(fixture.resolver.requests().is_empty(), "custody was asked");
+    assert_eq!(fixture.tree()?, before, "something was created");
+    assert_eq!(fixture.mounts_under_root()?, 0);
+
+    // A persistent (non-ephemeral) volume is refused as a precondition.
+    let mut request = base.clone();
+    request
+        .volume_context
+        .insert(EPHEMERAL_KEY.to_owned(), "false".to_owned());
+    let error = fixture
+        .service
+        .publish(&request)
+        .await
+        .err()
+        .ok_or("accepted")?;
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(fixture.tree()?, before);
+    Ok(())
+}
+
+#[tokio::test]
+async fn hostile_unpublish_requests_are_invalid_argument_and_touch_nothing() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let outside = target_in(&fixture.root.path().join("outside"), UID, VOLUME);
+    fs::create_dir_all(&outside)?;
+    let volume_id = kubelet_volume_id(UID, VOLUME);
+    let before = fixture.tree()?;
+    let cases = [
+        unpublish_request("", &fixture.target()),
+        unpublish_request(&volume_id, Path::new("")),
+        unpublish_request(&"v".repeat(MAX_VOLUME_ID_BYTES + 1), &fixture.target()),
+        unpublish_request(&volume_id, &outside),
+        unpublish_request(
+            &volume_id,
+            Path::new(&format!(
+                "{}/pods/{UID}/volumes/kubernetes.io~csi/{VOLUME}/../../../../../../outside/pods/{UID}/volumes/kubernetes.io~csi/{VOLUME}/mount",
+                fixture.kubelet_dir().display()
+            )),
+        ),
+        unpublish_request(&volume_id, Path::new("/")),
+    ];
+    for request in &cases {
+        let error = fixture
+            .service
+            .unpublish(request)
+            .await
+            .err()
+            .ok_or(format!("{request:?}: accepted"))?;
+        assert_eq!(error.code(), Code::InvalidArgument, "{request:?}: {error}");
+    }
+    assert_eq!(fixture.tree()?, before);
+    assert!(outside.is_dir());
+    Ok(())
+}
+
+#[tokio::test]
+async fn custody_refusal_passes_through_and_leaves_nothing() -> TestResult {
+    for code in [
+        Code::PermissionDenied,
+        Code::Unauthenticated,
+        Code::FailedPrecondition,
+        Code::NotFound,
+    ] {
+        let fixture = Fixture::with_resolver(FakeResolver::new(Err(Status::new(
+            code,
+            "grant supabase-dev was revoked",
+        ))))?;
+        let before = fixture.tree()?;
+        let request = fixture.request();
+        let error = fixture
+            .service
+            .publish(&request)
+            .await
+            .err()
+            .ok_or("accepted")?;
+        assert_eq!(error.code(), code);
+        let status = Status::from(error);
+        assert!(
+            status.message().contains("grant supabase-dev was revoked"),
+            "{status:?}"
+        );
+        assert_clean_message(&status);
+        assert_eq!(fixture.mounts_under_root()?, 0);
+        assert!(!fixture.target().exists(), "target directory left behind");
+        assert_eq!(fixture.tree()?, before);
+        assert_eq!(fixture.registry()?.load(&request.volume_id)?, None);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn custody_unavailable_is_unavailable() -> TestResult {
+    for status in [
+        Status::unavailable("tcp connect error"),
+        Status::deadline_exceeded("too slow"),
+        Status::cancelled("Timeout expired"),
+    ] {
+        let fixture = Fixture::with_resolver(FakeResolver::new(Err(status)))?;
+        let error = fixture
+            .service
+            .publish(&fixture.request())
+            .await
+            .err()
+            .ok_or("accepted")?;
+        assert_eq!(error.code(), Code::Unavailable);
+        assert_eq!(fixture.mounts_under_root()?, 0);
+        assert!(!fixture.target().exists());
+    }
+    // Other custody failures are internal, with custody's message.
+    let fixture = Fixture::with_resolver(FakeResolver::new(Err(Status::unknown("boom"))))?;
+    let error = fixture
+        .service
+        .publish(&fixture.request())
+        .await
+        .err()
+        .ok_or("accepted")?;
+    assert_eq!(error.code(), Code::Internal);
+    assert!(Status::from(error).message().contains("boom"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn unreachable_custody_through_the_real_client_is_unavailable() -> TestResult {
+    let token_dir = tempfile::tempdir()?;
+    let token_file = token_dir.path().join("token");
+    fs::write(&token_file, "eyJub2RlIjoxfQ.eyJub2RlIjoxfQ.c2ln")?;
+    let resolver = CustodyResolver::new(&CustodyClientConfig {
+        endpoint: "http://127.0.0.1:1".to_owned(),
+        plaintext: true,
+        ca_file: None,
+        token_file,
+    })?;
+    let fixture = Fixture::with_resolver(resolver)?;
+    let error = fixture
+        .service
+        .publish(&fixture.request())
+        .await
+        .err()
+        .ok_or("accepted")?;
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+    assert_eq!(fixture.mounts_under_root()?, 0);
+    assert!(!fixture.target().exists());
+    Ok(())
+}
+
+#[tokio::test]
+async fn refusal_on_republish_withdraws_the_files_but_unavailability_keeps_them() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let request = fixture.request();
+    let target = fixture.target();
+    fixture.service.publish(&request).await?;
+
+    // Custody unreachable: keep what the pod has (the push stream and the
+    // next republish decide).
+    fixture.set_answer(Err(Status::unavailable("down")));
+    let error = fixture
+        .service
+        .publish(&request)
+        .await
+        .err()
+        .ok_or("accepted")?;
+    assert_eq!(error.code(), Code::Unavailable);
+    assert_eq!(visible_files(&target)?.len(), 2);
+
+    // Custody refuses: the files go, the (read-only) mount stays for
+    // kubelet's unpublish.
+    fixture.set_answer(Err(Status::permission_denied("grant revoked")));
+    let error = fixture
+        .service
+        .publish(&request)
+        .await
+        .err()
+        .ok_or("accepted")?;
+    assert_eq!(error.code(), Code::PermissionDenied);
+    assert_eq!(visible_files(&target)?, BTreeSet::new());
+    assert_eq!(fixture.mounts_at(&target)?, 1);
+    let entry = fixture
+        .registry()?
+        .load(&request.volume_id)?
+        .ok_or("entry removed")?;
+    assert!(entry.grants.is_empty());
+
+    fixture
+        .service
+        .unpublish(&unpublish_request(&request.volume_id, &target))
+        .await?;
+    assert_eq!(fixture.mounts_under_root()?, 0);
+    assert!(!target.exists());
+    Ok(())
+}
+
+#[tokio::test]
+async fn unusable_custody_responses_are_refused_before_mounting() -> TestResult {
+    let big = vec![b'x'; (TMPFS_SIZE / 2) as usize];
+    let cases: Vec<(ResolveResponse, Code)> = vec![
+        (
+            ResolveResponse {
+                grants: vec![grant("g", "d", &[("../escape", SECRET_A, 0o440)])],
+                ..Default::default()
+            },
+            Code::Internal,
+        ),
+        (
+            ResolveResponse {
+                grants: vec![grant("g", "d", &[("dir/file", SECRET_A, 0o440)])],
+                ..Default::default()
+            },
+            Code::Internal,
+        ),
+        (
+            ResolveResponse {
+                grants: vec![grant("g", "d", &[("..data", SECRET_A, 0o440)])],
+                ..Default::default()
+            },
+            Code::Internal,
+        ),
+        (
+            ResolveResponse {
+                grants: vec![grant("g", "d", &[("api-key", SECRET_A, 0o4755)])],
+                ..Default::default()
+            },
+            Code::Internal,
+        ),
+        (
+            ResolveResponse {
+                grants: vec![
+                    grant("a", "d", &[("api-key", SECRET_A, 0o440)]),
+                    grant("b", "d", &[("api-key", SECRET_B, 0o440)]),
+                ],
+                ..Default::default()
+            },
+            Code::FailedPrecondition,
+        ),
+        (
+            ResolveResponse {
+                grants: vec![grant("g", "d", &[("big", &big, 0o440)])],
+                ..Default::default()
+            },
+            Code::FailedPrecondition,
+        ),
+    ];
+    for (answer, code) in cases {
+        let fixture = Fixture::with_resolver(FakeResolver::new(Ok(answer)))?;
+        let before = fixture.tree()?;
+        let error = fixture
+            .service
+            .publish(&fixture.request())
+            .await
+            .err()
+            .ok_or("accepted")?;
+        assert_eq!(error.code(), code, "{error}");
+        assert_clean_message(&Status::from(error));
+        assert_eq!(fixture.mounts_under_root()?, 0);
+        assert_eq!(fixture.tree()?, before);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn failure_after_mounting_leaves_no_mount_and_no_directory() -> TestResult {
+    // The scratch "directory" is a file, so the writable view (after the
+    // mount) cannot be created.
+    let scratch_parent = tempfile::tempdir()?;
+    let scratch = scratch_parent.path().join("scratch");
+    fs::write(&scratch, b"not a directory")?;
+    let fixture =
+        Fixture::with_scratch(FakeResolver::new(Ok(two_grants())), Some(scratch.clone()))?;
+    let request = fixture.request();
+    let error = fixture
+        .service
+        .publish(&request)
+        .await
+        .err()
+        .ok_or("accepted")?;
+    assert_eq!(error.code(), Code::Internal, "{error}");
+    assert_eq!(fixture.mounts_under_root()?, 0);
+    assert!(!fixture.target().exists(), "target directory left behind");
+    assert_eq!(fixture.registry()?.load(&request.volume_id)?, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_foreign_mount_at_the_target_is_never_touched() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let target = fixture.target();
+    fs::create_dir(&target)?;
+    nix::mount::mount(
+        Some("not-scopehold"),
+        &target,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64k"),
+    )?;
+    fs::write(target.join("theirs"), b"keep")?;
+    let request = fixture.request();
+    let error = fixture
+        .service
+        .publish(&request)
+        .await
+        .err()
+        .ok_or("accepted")?;
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error}");
+    let error = fixture
+        .service
+        .unpublish(&unpublish_request(&request.volume_id, &target))
+        .await
+        .err()
+        .ok_or("accepted")?;
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error}");
+    assert_eq!(fixture.mounts_at(&target)?, 1);
+    assert_eq!(fs::read(target.join("theirs"))?, b"keep");
+    assert!(fixture.resolver.requests().is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_corrupt_registry_entry_blocks_neither_publish_nor_unpublish() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let request = fixture.request();
+    let registry = fixture.registry()?;
+    fs::write(registry.path_for(&request.volume_id), b"{not json")?;
+    fixture.service.publish(&request).await?;
+    assert!(
+        registry.load(&request.volume_id)?.is_some(),
+        "entry not rewritten"
+    );
+
+    fs::write(registry.path_for(&request.volume_id), b"{not json")?;
+    fixture
+        .service
+        .unpublish(&unpublish_request(&request.volume_id, &fixture.target()))
+        .await?;
+    assert!(!registry.path_for(&request.volume_id).exists());
+    assert_eq!(fixture.mounts_under_root()?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn volume_published_at_another_target_is_already_exists() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let request = fixture.request();
+    fixture.service.publish(&request).await?;
+    // Forge a registry entry claiming the id for another target, then
+    // publish again.
+    let registry = fixture.registry()?;
+    let mut entry = registry.load(&request.volume_id)?.ok_or("no entry")?;
+    entry.target_path = fixture.root.path().join("elsewhere");
+    registry.store(&entry)?;
+    let error = fixture
+        .service
+        .publish(&request)
+        .await
+        .err()
+        .ok_or("accepted")?;
+    assert_eq!(error.code(), Code::AlreadyExists);
+    Ok(())
+}
+
+#[tokio::test]
+async fn node_rpcs_report_capabilities_info_and_unimplemented() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let service = &fixture.service;
+    let capabilities = service
+        .node_get_capabilities(Request::new(csi::NodeGetCapabilitiesRequest {}))
+        .await?
+        .into_inner();
+    assert_eq!(
+        capabilities.capabilities,
+        vec![csi::NodeServiceCapability {
+            r#type: Some(csi::node_service_capability::Type::Rpc(
+                csi::node_service_capability::Rpc {
+                    r#type: RpcType::VolumeMountGroup as i32
+                }
+            ))
+        }]
+    );
+    let info = service
+        .node_get_info(Request::new(csi::NodeGetInfoRequest {}))
+        .await?
+        .into_inner();
+    assert_eq!(info.node_id, "node-1");
+    assert_eq!(info.max_volumes_per_node, 0);
+
+    let stage = service
+        .node_stage_volume(Request::new(Default::default()))
+        .await
+        .err()
+        .map(|s| s.code());
+    let unstage = service
+        .node_unstage_volume(Request::new(Default::default()))
+        .await
+        .err()
+        .map(|s| s.code());
+    let stats = service
+        .node_get_volume_stats(Request::new(Default::default()))
+        .await
+        .err()
+        .map(|s| s.code());
+    let expand = service
+        .node_expand_volume(Request::new(Default::default()))
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(
+        [stage, unstage, stats, expand],
+        [Some(Code::Unimplemented); 4]
+    );
+
+    // The gRPC layer returns the mapped code.
+    let status = service
+        .node_publish_volume(Request::new(csi::NodePublishVolumeRequest::default()))
+        .await
+        .err()
+        .ok_or("accepted")?;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.message(), "volume_id is missing");
+    Ok(())
+}
+
+#[tokio::test]
+async fn identity_reports_name_version_no_capabilities_and_honest_probe() -> TestResult {
+    let mut unreachable = FakeResolver::new(Ok(ResolveResponse::default()));
+    unreachable.reachable = false;
+    for (resolver, ready) in [
+        (FakeResolver::new(Ok(ResolveResponse::default())), true),
+        (unreachable, false),
+    ] {
+        let identity = IdentityService::new(Arc::new(resolver));
+        let info = identity
+            .get_plugin_info(Request::new(csi::GetPluginInfoRequest {}))
+            .await?
+            .into_inner();
+        assert_eq!(info.name, DRIVER_NAME);
+        assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+        let capabilities = identity
+            .get_plugin_capabilities(Request::new(csi::GetPluginCapabilitiesRequest {}))
+            .await?
+            .into_inner();
+        assert!(capabilities.capabilities.is_empty());
+        let probe = identity
+            .probe(Request::new(csi::ProbeRequest {}))
+            .await?
+            .into_inner();
+        assert_eq!(probe.ready, Some(ready));
+    }
+    Ok(())
+}
