@@ -8,6 +8,7 @@
 pub mod api;
 pub mod audit;
 pub mod caches;
+pub mod cli;
 pub mod controller;
 pub mod crdgen;
 pub mod custody;
