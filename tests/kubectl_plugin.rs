@@ -945,14 +945,3 @@ async fn kubectl_finds_the_plugin() {
         "{access:#?}"
     );
 }
-
-#[test]
-fn demo_is_not_available_yet() {
-    let demo = run({
-        let mut cmd = Command::new(BIN);
-        cmd.arg("demo");
-        cmd
-    });
-    assert_ne!(demo.code, 0);
-    assert!(demo.stderr.contains("not available yet"), "{demo:#?}");
-}

@@ -100,7 +100,7 @@ pub enum Command {
     Audit(AuditArgs),
     /// Incident path: every grant, agent and pod that received a Secret; optionally revoke them all.
     Exposure(ExposureArgs),
-    /// Walk through the five steps on the current cluster (not available yet).
+    /// Run ScopeHold locally (a real API server, the controller, the node plugin) and walk the five steps and the incident path.
     Demo,
 }
 

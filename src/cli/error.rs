@@ -30,14 +30,14 @@ pub enum CliError {
     },
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("demo: {0}")]
+    Demo(#[source] crate::demo::DemoError),
     #[error("kubeconfig: {0}")]
     Kubeconfig(String),
     #[error("{action}: {message}")]
     Api { action: String, message: String },
     #[error("{0}")]
     ConfirmationRequired(String),
-    #[error("`kubectl scopehold {0}` is not available yet")]
-    NotAvailable(&'static str),
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),
     #[error("encoding JSON: {0}")]

@@ -25,7 +25,7 @@ pub const FIELD_MANAGER: &str = "kubectl-scopehold";
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     if let Command::Demo = cli.command {
-        return Err(CliError::NotAvailable("demo"));
+        return crate::demo::run().await.map_err(CliError::Demo);
     }
     let ctx = Ctx::connect(&cli.global).await?;
     match &cli.command {
@@ -37,7 +37,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::WhoCan { secret } => commands::access::who_can(&ctx, secret).await,
         Command::Audit(a) => commands::audit::run(&ctx, a).await,
         Command::Exposure(a) => commands::exposure::run(&ctx, a).await,
-        Command::Demo => Err(CliError::NotAvailable("demo")),
+        Command::Demo => crate::demo::run().await.map_err(CliError::Demo),
     }
 }
 

@@ -302,9 +302,10 @@ impl CustodyService {
             },
         );
         let note = format!(
-            "pod {} on node {node} received keys {} (digest {})",
+            "pod {} on node {node} received keys {} of Secret {} (digest {})",
             req.pod_name,
             grant.key_names().join(","),
+            grant.spec.secret_name,
             evaluation.content_digest.as_deref().unwrap_or("-")
         );
         self.publish_event(
