@@ -151,11 +151,12 @@ struct NodeArgs {
     /// PEM bundle of the CA that signs custody's certificate (https://).
     #[arg(long, env = "SCOPEHOLD_CUSTODY_CA_FILE")]
     custody_ca_file: Option<PathBuf>,
-    /// The plugin's own projected ServiceAccount token, re-read on every call.
+    /// The plugin's own projected ServiceAccount token (audience scopehold.dev),
+    /// re-read on every call.
     #[arg(
         long,
         env = "SCOPEHOLD_TOKEN_FILE",
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        default_value = "/var/run/secrets/scopehold.dev/serviceaccount/token"
     )]
     token_file: PathBuf,
     /// Kubelet's root directory; target paths must be below it.
