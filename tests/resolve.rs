@@ -1,0 +1,695 @@
+//! Runtime resolution end to end: the tests play kubelet against a real API
+//! server, the controller (custody) and the node plugin as processes. A real
+//! Pod with a nodeName, a real bound token from the TokenRequest API, a real
+//! NodePublishVolume over the plugin's unix socket, a real tmpfs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{
+    AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
+    install_crds, pod_token, server, test_namespace, wait_for_desc,
+};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::{Client, ResourceExt};
+use scopehold::api::{
+    AgentIdentity, AgentIdentitySpec, GrantPhase, GrantedKey, SecretGrant, SecretGrantSpec,
+};
+use scopehold::demo::kubelet::{KubeletPlayer, PodInfo};
+use serde_json::json;
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The node plugin as a child process; unmounts whatever it left on drop.
+struct NodePlugin {
+    child: Child,
+    log: PathBuf,
+    dir: PathBuf,
+}
+
+impl NodePlugin {
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodePlugin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for target in mounts_below(&self.dir) {
+            let _ = Command::new("umount").arg(&target).status();
+        }
+    }
+}
+
+/// Mount points below `dir`, deepest first.
+fn mounts_below(dir: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    points
+}
+
+/// The mountinfo line of the mount at `target`, if any.
+fn mount_at(target: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let target = target.to_string_lossy().into_owned();
+    info.lines()
+        .filter(|l| l.split(' ').nth(4) == Some(target.as_str()))
+        .map(str::to_owned)
+        .collect()
+}
+
+struct Stack {
+    client: Client,
+    ns: String,
+    node: String,
+    controller: ControllerProcess,
+    plugin: NodePlugin,
+    kubelet: KubeletPlayer,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn new(prefix: &str) -> Self {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = test_namespace(&client, prefix).await;
+        let node = format!("{ns}-node");
+        create_node(&client, &node).await;
+        create_service_account(&client, &ns, "node-plugin").await;
+        let plugin_pod = create_pod(&client, &ns, "node-plugin", "node-plugin", &node).await;
+        let plugin_token = pod_token(
+            &client,
+            &ns,
+            "node-plugin",
+            "node-plugin",
+            &plugin_pod.uid().unwrap(),
+            AUDIENCE,
+            3600,
+        )
+        .await;
+        let controller = ControllerProcess::start(
+            &ns,
+            &[
+                "--custody-listen",
+                "127.0.0.1:0",
+                "--custody-plaintext",
+                "--node-service-account",
+                &format!("{ns}/node-plugin"),
+            ],
+        );
+        let line = controller
+            .wait_for_log(|l| l.contains("custody_addr"), WAIT)
+            .await;
+        let custody = serde_json::from_str::<serde_json::Value>(&line).unwrap()["custody_addr"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        controller
+            .wait_for_log(|l| l.contains("caches synced"), WAIT)
+            .await;
+
+        let dir = tempfile::Builder::new()
+            .prefix("scopehold-resolve-")
+            .tempdir_in(&server().run_dir)
+            .unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, &plugin_token).unwrap();
+        let socket = dir.path().join("csi.sock");
+        let kubelet_dir = dir.path().join("kubelet");
+        let log = dir.path().join("node.log");
+        let out = File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_scopehold"))
+            .arg("node")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .args([
+                "--node-name",
+                &node,
+                "--custody-endpoint",
+                &format!("http://{custody}"),
+                "--custody-plaintext",
+            ])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--kubelet-dir")
+            .arg(&kubelet_dir)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--scratch-dir")
+            .arg(dir.path().join("scratch"))
+            .args(["--log-format", "json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .unwrap();
+        let plugin = NodePlugin {
+            child,
+            log,
+            dir: dir.path().to_owned(),
+        };
+        wait_for_desc("node plugin socket", WAIT, async || {
+            socket.exists().then_some(())
+        })
+        .await;
+        Stack {
+            client,
+            ns,
+            node,
+            controller,
+            plugin,
+            kubelet: KubeletPlayer::new(socket, kubelet_dir),
+            _dir: dir,
+        }
+    }
+
+    async fn secret(&self, ns: &str, name: &str, data: &[(&str, &str)]) {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            string_data: Some(
+                data.iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        Api::<Secret>::namespaced(self.client.clone(), ns)
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+
+    async fn identity(&self, name: &str, sa: &str, suspended: bool) {
+        create_service_account(&self.client, &self.ns, sa).await;
+        let spec = AgentIdentitySpec {
+            service_account_name: sa.into(),
+            suspended,
+            ..Default::default()
+        };
+        Api::<AgentIdentity>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &AgentIdentity::new(name, spec))
+            .await
+            .unwrap();
+    }
+
+    async fn grant(
+        &self,
+        name: &str,
+        agent: &str,
+        secret: &str,
+        keys: Vec<GrantedKey>,
+        edit: impl FnOnce(&mut SecretGrantSpec),
+    ) {
+        let mut spec = SecretGrantSpec {
+            agent: agent.into(),
+            secret_name: secret.into(),
+            keys,
+            ..Default::default()
+        };
+        edit(&mut spec);
+        Api::<SecretGrant>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &SecretGrant::new(name, spec))
+            .await
+            .unwrap();
+        let api: Api<SecretGrant> = Api::namespaced(self.client.clone(), &self.ns);
+        wait_for_desc(&format!("{name} evaluated"), WAIT, async || {
+            api.get(name).await.ok()?.phase()
+        })
+        .await;
+    }
+
+    async fn await_phase(&self, grant: &str, phase: GrantPhase) {
+        let api: Api<SecretGrant> = Api::namespaced(self.client.clone(), &self.ns);
+        wait_for_desc(&format!("{grant} {phase}"), WAIT, async || {
+            (api.get(grant).await.ok()?.phase() == Some(phase)).then_some(())
+        })
+        .await;
+    }
+
+    /// A Pod on `node` and its bound token, as kubelet would have them.
+    async fn pod(
+        &self,
+        name: &str,
+        sa: &str,
+        node: &str,
+        fs_group: Option<i64>,
+    ) -> (PodInfo, String) {
+        let pod = create_pod(&self.client, &self.ns, name, sa, node).await;
+        let uid = pod.uid().unwrap();
+        let token = pod_token(&self.client, &self.ns, sa, name, &uid, AUDIENCE, 3600).await;
+        (
+            PodInfo {
+                namespace: self.ns.clone(),
+                name: name.into(),
+                uid,
+                service_account: sa.into(),
+                fs_group,
+            },
+            token,
+        )
+    }
+
+    async fn publish(
+        &self,
+        pod: &PodInfo,
+        token: &str,
+        attrs: &[(&str, &str)],
+    ) -> Result<PathBuf, tonic::Status> {
+        let attrs: HashMap<String, String> = attrs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        let request = self
+            .kubelet
+            .publish_request(pod, "creds", token, &attrs, true, true);
+        self.kubelet.publish(request).await.unwrap()
+    }
+
+    /// Expects a refusal with `code` naming `reason`, nothing mounted or left
+    /// at the target, and an AccessDenied audit line with that reason.
+    async fn expect_refused(
+        &self,
+        pod: &PodInfo,
+        token: &str,
+        attrs: &[(&str, &str)],
+        code: Code,
+        reason: &str,
+    ) {
+        let status = self
+            .publish(pod, token, attrs)
+            .await
+            .expect_err("must be refused");
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(
+            status.message().contains(reason),
+            "{reason} not in {:?}",
+            status.message()
+        );
+        let target = self.kubelet.target_path(&pod.uid, "creds");
+        assert!(
+            mount_at(&target).is_empty(),
+            "something is mounted at {}",
+            target.display()
+        );
+        assert!(
+            !target.exists(),
+            "the refused publish left {} behind",
+            target.display()
+        );
+        wait_for_desc(
+            &format!("AccessDenied {reason} for {}", pod.name),
+            WAIT,
+            async || {
+                self.controller.audit_lines().into_iter().find(|l| {
+                    l["event"] == "AccessDenied"
+                        && l["reason"] == reason
+                        && l["pod"] == pod.name.as_str()
+                })
+            },
+        )
+        .await;
+    }
+}
+
+fn key(key: &str) -> GrantedKey {
+    GrantedKey {
+        key: key.into(),
+        ..Default::default()
+    }
+}
+
+/// The visible entries of a mount (without the atomic writer's `..` names).
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(".."))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn granted_keys_appear_as_files_on_a_tmpfs_and_nothing_else() {
+    let s = Stack::new("resolve-ok").await;
+    s.secret(
+        &s.ns,
+        "supabase",
+        &[
+            ("service-key", "resolve-value-1"),
+            ("url", "https://db"),
+            ("admin", "resolve-never"),
+        ],
+    )
+    .await;
+    s.identity("bot", "bot-sa", false).await;
+    s.grant(
+        "db",
+        "bot",
+        "supabase",
+        vec![
+            GrantedKey {
+                key: "service-key".into(),
+                path: Some("supabase-key".into()),
+                mode: None,
+            },
+            GrantedKey {
+                key: "url".into(),
+                path: None,
+                mode: Some(0o400),
+            },
+        ],
+        |_| {},
+    )
+    .await;
+    s.await_phase("db", GrantPhase::Active).await;
+
+    let (pod, token) = s.pod("agent", "bot-sa", &s.node.clone(), Some(2000)).await;
+    let target = s.publish(&pod, &token, &[]).await.expect("published");
+    assert_eq!(listing(&target), ["supabase-key", "url"]);
+    assert_eq!(
+        std::fs::read(target.join("supabase-key")).unwrap(),
+        b"resolve-value-1"
+    );
+    assert_eq!(std::fs::read(target.join("url")).unwrap(), b"https://db");
+    let meta = std::fs::metadata(target.join("supabase-key")).unwrap();
+    assert_eq!(
+        (meta.permissions().mode() & 0o777, meta.gid()),
+        (0o440, 2000),
+        "default mode with the pod's fsGroup"
+    );
+    let meta = std::fs::metadata(target.join("url")).unwrap();
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o400,
+        "mode from the grant"
+    );
+    let mounts = mount_at(&target);
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    let line = &mounts[0];
+    assert!(line.contains(" - tmpfs "), "not a tmpfs: {line}");
+    for option in ["nosuid", "nodev", "noexec", "ro"] {
+        assert!(
+            line.split([' ', ',']).any(|o| o == option),
+            "{option} missing: {line}"
+        );
+    }
+
+    // Idempotent: a second identical publish changes nothing, stacks nothing.
+    let before = std::fs::read_link(target.join("..data")).unwrap();
+    s.publish(&pod, &token, &[]).await.expect("republished");
+    assert_eq!(mount_at(&target).len(), 1, "a republish stacked a mount");
+    assert_eq!(
+        std::fs::read_link(target.join("..data")).unwrap(),
+        before,
+        "unchanged content was rewritten"
+    );
+
+    // A pod without fsGroup gets 0444 so a non-root agent can read; the
+    // token may also come in the volume context (older kubelets).
+    let (plain, plain_token) = s.pod("plain", "bot-sa", &s.node.clone(), None).await;
+    let request =
+        s.kubelet
+            .publish_request(&plain, "creds", &plain_token, &HashMap::new(), false, true);
+    let plain_target = s
+        .kubelet
+        .publish(request)
+        .await
+        .unwrap()
+        .expect("token in the volume context");
+    let meta = std::fs::metadata(plain_target.join("supabase-key")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o444);
+
+    // Unpublish: unmounted and removed; again and unknown volumes are fine.
+    s.kubelet
+        .unpublish(&pod.uid, "creds")
+        .await
+        .unwrap()
+        .expect("unpublished");
+    assert!(mount_at(&target).is_empty() && !target.exists());
+    s.kubelet
+        .unpublish(&pod.uid, "creds")
+        .await
+        .unwrap()
+        .expect("unpublish again");
+    s.kubelet
+        .unpublish("00000000-0000-0000-0000-000000000000", "creds")
+        .await
+        .unwrap()
+        .expect("unknown volume");
+    s.kubelet
+        .unpublish(&plain.uid, "creds")
+        .await
+        .unwrap()
+        .expect("unpublished");
+
+    // Audited: SecretResolved with the pod; no value or token in any output.
+    let line = s
+        .controller
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["event"] == "SecretResolved" && l["pod"] == "agent")
+        .expect("audit");
+    assert_eq!(line["keys"], "service-key,url");
+    let everything = s.controller.logs() + &s.plugin.logs();
+    for secret in [
+        "resolve-value-1",
+        "resolve-never",
+        token.as_str(),
+        plain_token.as_str(),
+    ] {
+        assert!(
+            !everything.contains(secret),
+            "a value or token leaked into the logs"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_denial_mounts_nothing_and_is_audited() {
+    let s = Stack::new("resolve-deny").await;
+    s.secret(&s.ns, "creds", &[("api", "deny-value")]).await;
+    s.identity("bot", "bot-sa", false).await;
+    s.identity("sleepy", "sleepy-sa", true).await;
+    s.identity("late", "late-sa", false).await;
+    s.identity("gone", "gone-sa", false).await;
+    s.identity("far", "far-sa", false).await;
+    s.grant("bot-grant", "bot", "creds", vec![key("api")], |_| {})
+        .await;
+    s.grant("sleepy-grant", "sleepy", "creds", vec![key("api")], |_| {})
+        .await;
+    let soon = Timestamp::from_second(Timestamp::now().as_second() + 2).unwrap();
+    s.grant("late-grant", "late", "creds", vec![key("api")], |g| {
+        g.expires_at = Some(Time(soon))
+    })
+    .await;
+    s.grant("gone-grant", "gone", "creds", vec![key("api")], |g| {
+        g.revoked = true
+    })
+    .await;
+    let other = test_namespace(&s.client, "resolve-deny-other").await;
+    s.secret(&other, "elsewhere", &[("api", "other-namespace-value")])
+        .await;
+    s.grant("far-grant", "far", "elsewhere", vec![key("api")], |_| {})
+        .await;
+    let node = s.node.clone();
+
+    create_service_account(&s.client, &s.ns, "stranger").await;
+    let (stranger, t) = s.pod("stranger", "stranger", &node, None).await;
+    s.expect_refused(
+        &stranger,
+        &t,
+        &[],
+        Code::PermissionDenied,
+        "NoAgentIdentity",
+    )
+    .await;
+
+    let (sleepy, t) = s.pod("sleepy", "sleepy-sa", &node, None).await;
+    s.expect_refused(&sleepy, &t, &[], Code::PermissionDenied, "AgentSuspended")
+        .await;
+
+    s.await_phase("late-grant", GrantPhase::Expired).await;
+    let (late, t) = s.pod("late", "late-sa", &node, None).await;
+    s.expect_refused(&late, &t, &[], Code::PermissionDenied, "NoActiveGrants")
+        .await;
+
+    let (gone, t) = s.pod("gone", "gone-sa", &node, None).await;
+    s.expect_refused(&gone, &t, &[], Code::PermissionDenied, "NoActiveGrants")
+        .await;
+
+    // A Secret in another namespace is not found from the grant's namespace.
+    let (far, t) = s.pod("far", "far-sa", &node, None).await;
+    s.expect_refused(&far, &t, &[], Code::PermissionDenied, "NoActiveGrants")
+        .await;
+
+    // A token of another pod.
+    let (bot, bot_token) = s.pod("bot", "bot-sa", &node, None).await;
+    let (_twin, twin_token) = s.pod("bot-twin", "bot-sa", &node, None).await;
+    s.expect_refused(
+        &bot,
+        &twin_token,
+        &[],
+        Code::PermissionDenied,
+        "TokenMismatch",
+    )
+    .await;
+
+    // A token for another audience.
+    let uid = bot.uid.clone();
+    let vault = pod_token(&s.client, &s.ns, "bot-sa", "bot", &uid, "vault", 3600).await;
+    s.expect_refused(&bot, &vault, &[], Code::Unauthenticated, "TokenRejected")
+        .await;
+
+    // An expired token signed with the cluster's real key.
+    let expired = expired_token(&s.ns, "bot-sa", "bot", &uid);
+    s.expect_refused(&bot, &expired, &[], Code::Unauthenticated, "TokenRejected")
+        .await;
+
+    // Pod information that contradicts the token: the ServiceAccount kubelet
+    // reports is not the token's.
+    let mut lying = bot.clone();
+    lying.service_account = "sleepy-sa".into();
+    s.expect_refused(
+        &lying,
+        &bot_token,
+        &[],
+        Code::PermissionDenied,
+        "TokenMismatch",
+    )
+    .await;
+
+    // A pod on another node than this plugin's.
+    let far_node = format!("{}-far", s.ns);
+    create_node(&s.client, &far_node).await;
+    let (elsewhere, t) = s.pod("elsewhere", "bot-sa", &far_node, None).await;
+    s.expect_refused(&elsewhere, &t, &[], Code::PermissionDenied, "WrongNode")
+        .await;
+
+    // A grant name the agent does not hold.
+    s.expect_refused(
+        &bot,
+        &bot_token,
+        &[("grants", "sleepy-grant")],
+        Code::PermissionDenied,
+        "GrantNotHeld",
+    )
+    .await;
+
+    // The control: the same pod, honestly described, resolves.
+    let target = s
+        .publish(&bot, &bot_token, &[("grants", "bot-grant")])
+        .await
+        .expect("the legitimate request");
+    assert_eq!(listing(&target), ["api"]);
+    s.kubelet
+        .unpublish(&bot.uid, "creds")
+        .await
+        .unwrap()
+        .expect("unpublished");
+}
+
+/// Hostile requests are refused before anything is touched.
+#[tokio::test]
+async fn hostile_requests_touch_nothing_outside_the_target() {
+    let s = Stack::new("resolve-hostile").await;
+    s.identity("bot", "bot-sa", false).await;
+    let (pod, token) = s.pod("bot", "bot-sa", &s.node.clone(), None).await;
+    let outside = s.kubelet.kubelet_dir.parent().unwrap().join("outside");
+    let base = s
+        .kubelet
+        .publish_request(&pod, "creds", &token, &HashMap::new(), true, true);
+    let cases: Vec<(&str, scopehold::proto::csi::v1::NodePublishVolumeRequest)> = vec![
+        ("target outside the kubelet dir", {
+            let mut r = base.clone();
+            r.target_path = outside.join("mount").to_string_lossy().into_owned();
+            r
+        }),
+        ("dot-dot in the target", {
+            let mut r = base.clone();
+            r.target_path = format!("{}/../../../outside/mount", base.target_path);
+            r
+        }),
+        ("empty volume id", {
+            let mut r = base.clone();
+            r.volume_id.clear();
+            r
+        }),
+        ("oversized attribute", {
+            let mut r = base.clone();
+            r.volume_context
+                .insert("grants".into(), "a".repeat(100_000));
+            r
+        }),
+        ("forged pod uid", {
+            let mut r = base.clone();
+            r.volume_context.insert(
+                "csi.storage.k8s.io/pod.uid".into(),
+                "00000000-0000-0000-0000-000000000000".into(),
+            );
+            r
+        }),
+    ];
+    for (what, request) in cases {
+        // Straight to the socket: kubelet's parent-directory creation would
+        // itself touch the hostile path.
+        let mut node = s.kubelet.connect().await.unwrap();
+        let status = node.node_publish_volume(request).await.expect_err(what);
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+        assert!(
+            !status.message().contains(&token),
+            "{what}: the token is in the message"
+        );
+    }
+    assert!(
+        !outside.exists(),
+        "a hostile request created a path outside the kubelet dir"
+    );
+    assert!(!s.kubelet.target_path(&pod.uid, "creds").exists());
+    assert!(mounts_below(&s.plugin.dir).is_empty());
+}
+
+fn expired_token(ns: &str, sa: &str, pod: &str, uid: &str) -> String {
+    let key = std::fs::read(server().dir.join("sa.key")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&key).unwrap();
+    let now = Timestamp::now();
+    let claims = json!({
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "aud": [AUDIENCE],
+        "iat": (now - SignedDuration::from_secs(3600)).as_second(),
+        "nbf": (now - SignedDuration::from_secs(3600)).as_second(),
+        "exp": (now - SignedDuration::from_secs(60)).as_second(),
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}, "pod": {"name": pod, "uid": uid}}
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &claims,
+        &key,
+    )
+    .unwrap()
+}
