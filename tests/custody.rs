@@ -9,19 +9,18 @@ mod common;
 
 use std::time::Duration;
 
+use common::objects::{create_grant, create_identity, create_secret, expired_token, key};
 use common::{
     AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
-    install_crds, pod_token, server, test_namespace, wait_for_desc,
+    install_crds, pod_token, test_namespace, wait_for_desc,
 };
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams};
 use kube::{Client, ResourceExt};
-use scopehold::api::{
-    AgentIdentity, AgentIdentitySpec, GrantPhase, GrantedKey, SecretGrant, SecretGrantSpec,
-};
+use scopehold::api::{AgentIdentity, GrantPhase, GrantedKey, SecretGrant, SecretGrantSpec};
 use scopehold::proto::scopehold::v1::custody_client::CustodyClient;
 use scopehold::proto::scopehold::v1::{ResolveRequest, ResolveResponse};
 use serde_json::json;
@@ -97,35 +96,12 @@ impl Fixture {
     }
 
     async fn secret(&self, ns: &str, name: &str, data: &[(&str, &str)]) {
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            string_data: Some(
-                data.iter()
-                    .map(|(k, v)| ((*k).into(), (*v).into()))
-                    .collect(),
-            ),
-            ..Default::default()
-        };
-        Api::<Secret>::namespaced(self.client.clone(), ns)
-            .create(&PostParams::default(), &secret)
-            .await
-            .unwrap();
+        create_secret(&self.client, ns, name, data).await;
     }
 
     async fn identity(&self, name: &str, sa: &str, suspended: bool) {
         create_service_account(&self.client, &self.ns, sa).await;
-        let spec = AgentIdentitySpec {
-            service_account_name: sa.into(),
-            suspended,
-            ..Default::default()
-        };
-        Api::<AgentIdentity>::namespaced(self.client.clone(), &self.ns)
-            .create(&PostParams::default(), &AgentIdentity::new(name, spec))
-            .await
-            .unwrap();
+        create_identity(&self.client, &self.ns, name, sa, suspended).await;
     }
 
     async fn grant(
@@ -136,17 +112,7 @@ impl Fixture {
         keys: Vec<GrantedKey>,
         edit: impl FnOnce(&mut SecretGrantSpec),
     ) {
-        let mut spec = SecretGrantSpec {
-            agent: agent.into(),
-            secret_name: secret.into(),
-            keys,
-            ..Default::default()
-        };
-        edit(&mut spec);
-        Api::<SecretGrant>::namespaced(self.client.clone(), &self.ns)
-            .create(&PostParams::default(), &SecretGrant::new(name, spec))
-            .await
-            .unwrap();
+        create_grant(&self.client, &self.ns, name, agent, secret, keys, edit).await;
     }
 
     async fn await_phase(&self, grant: &str, phase: GrantPhase) {
@@ -244,13 +210,6 @@ impl Fixture {
             .into_iter()
             .filter(|e| e.reason.as_deref() == Some(reason))
             .collect()
-    }
-}
-
-fn key(key: &str) -> GrantedKey {
-    GrantedKey {
-        key: key.into(),
-        ..Default::default()
     }
 }
 
@@ -477,7 +436,7 @@ async fn denials_are_refused_audited_and_recorded() {
 
     // An expired token, signed by the cluster's real issuer key.
     let mut expired = f.request(&bot);
-    expired.pod_token = expired_token(&f.ns, "bot-sa", &bot);
+    expired.pod_token = expired_token(&f.ns, "bot-sa", &bot.name, &bot.uid);
     expired.request_id = "expired".into();
     let status = f
         .expect_denied(expired, Code::Unauthenticated, "TokenRejected")
@@ -583,34 +542,6 @@ async fn no_cross_namespace_access() {
     req.request_id = "foreign".into();
     f.expect_denied(req, Code::PermissionDenied, "NoAgentIdentity")
         .await;
-}
-
-/// A service-account JWT that expired a minute ago, signed with the test API
-/// server's real signing key (TokenRequest cannot issue one: its minimum
-/// lifetime is ten minutes).
-fn expired_token(ns: &str, sa: &str, pod: &AgentPod) -> String {
-    let key = std::fs::read(server().dir.join("sa.key")).expect("sa.key");
-    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&key).expect("rsa key");
-    let now = Timestamp::now();
-    let claims = json!({
-        "iss": "https://kubernetes.default.svc.cluster.local",
-        "sub": format!("system:serviceaccount:{ns}:{sa}"),
-        "aud": [AUDIENCE],
-        "iat": (now - SignedDuration::from_secs(3600)).as_second(),
-        "nbf": (now - SignedDuration::from_secs(3600)).as_second(),
-        "exp": (now - SignedDuration::from_secs(60)).as_second(),
-        "kubernetes.io": {
-            "namespace": ns,
-            "serviceaccount": {"name": sa},
-            "pod": {"name": pod.name, "uid": pod.uid},
-        }
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
-        &claims,
-        &key,
-    )
-    .expect("sign")
 }
 
 #[tokio::test]

@@ -14,20 +14,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::objects::{create_grant, create_identity, create_secret, expired_token, key};
 use common::{
     AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
     install_crds, pod_token, server, test_namespace, wait_for_desc,
 };
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, ObjectMeta, PostParams};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
 use kube::{Client, ResourceExt};
-use scopehold::api::{
-    AgentIdentity, AgentIdentitySpec, GrantPhase, GrantedKey, SecretGrant, SecretGrantSpec,
-};
+use scopehold::api::{GrantPhase, GrantedKey, SecretGrant, SecretGrantSpec};
 use scopehold::demo::kubelet::{KubeletPlayer, PodInfo};
-use serde_json::json;
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -185,35 +182,12 @@ impl Stack {
     }
 
     async fn secret(&self, ns: &str, name: &str, data: &[(&str, &str)]) {
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            string_data: Some(
-                data.iter()
-                    .map(|(k, v)| ((*k).into(), (*v).into()))
-                    .collect(),
-            ),
-            ..Default::default()
-        };
-        Api::<Secret>::namespaced(self.client.clone(), ns)
-            .create(&PostParams::default(), &secret)
-            .await
-            .unwrap();
+        create_secret(&self.client, ns, name, data).await;
     }
 
     async fn identity(&self, name: &str, sa: &str, suspended: bool) {
         create_service_account(&self.client, &self.ns, sa).await;
-        let spec = AgentIdentitySpec {
-            service_account_name: sa.into(),
-            suspended,
-            ..Default::default()
-        };
-        Api::<AgentIdentity>::namespaced(self.client.clone(), &self.ns)
-            .create(&PostParams::default(), &AgentIdentity::new(name, spec))
-            .await
-            .unwrap();
+        create_identity(&self.client, &self.ns, name, sa, suspended).await;
     }
 
     async fn grant(
@@ -224,17 +198,7 @@ impl Stack {
         keys: Vec<GrantedKey>,
         edit: impl FnOnce(&mut SecretGrantSpec),
     ) {
-        let mut spec = SecretGrantSpec {
-            agent: agent.into(),
-            secret_name: secret.into(),
-            keys,
-            ..Default::default()
-        };
-        edit(&mut spec);
-        Api::<SecretGrant>::namespaced(self.client.clone(), &self.ns)
-            .create(&PostParams::default(), &SecretGrant::new(name, spec))
-            .await
-            .unwrap();
+        create_grant(&self.client, &self.ns, name, agent, secret, keys, edit).await;
         let api: Api<SecretGrant> = Api::namespaced(self.client.clone(), &self.ns);
         wait_for_desc(&format!("{name} evaluated"), WAIT, async || {
             api.get(name).await.ok()?.phase()
@@ -332,13 +296,6 @@ impl Stack {
             },
         )
         .await;
-    }
-}
-
-fn key(key: &str) -> GrantedKey {
-    GrantedKey {
-        key: key.into(),
-        ..Default::default()
     }
 }
 
@@ -671,25 +628,4 @@ async fn hostile_requests_touch_nothing_outside_the_target() {
     );
     assert!(!s.kubelet.target_path(&pod.uid, "creds").exists());
     assert!(mounts_below(&s.plugin.dir).is_empty());
-}
-
-fn expired_token(ns: &str, sa: &str, pod: &str, uid: &str) -> String {
-    let key = std::fs::read(server().dir.join("sa.key")).unwrap();
-    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&key).unwrap();
-    let now = Timestamp::now();
-    let claims = json!({
-        "iss": "https://kubernetes.default.svc.cluster.local",
-        "sub": format!("system:serviceaccount:{ns}:{sa}"),
-        "aud": [AUDIENCE],
-        "iat": (now - SignedDuration::from_secs(3600)).as_second(),
-        "nbf": (now - SignedDuration::from_secs(3600)).as_second(),
-        "exp": (now - SignedDuration::from_secs(60)).as_second(),
-        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}, "pod": {"name": pod, "uid": uid}}
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
-        &claims,
-        &key,
-    )
-    .unwrap()
 }
