@@ -12,9 +12,12 @@
 //! A new version is written into a fresh timestamped directory and published
 //! by renaming a `..data_tmp` symlink over `..data`: rename is atomic, so a
 //! reader opening `api-key` resolves either the whole old file or the whole
-//! new one, never a mix. (A reader can see `NotFound` for an instant when it
-//! resolved `..data` just before the old directory was removed; kubelet's
-//! writer behaves the same.)
+//! new one, never a mix. A reader that resolved `..data` just before the
+//! swap still walks into the old directory; kubelet's writer removes that
+//! directory at once, so such a reader can see `NotFound` for an instant.
+//! [`AtomicWriter::with_retire_delay`] keeps the old directory for a short
+//! grace period after the swap, so that the user-visible path always
+//! resolves to a whole file.
 //!
 //! Names starting with `..` are reserved for the writer. The writer never
 //! follows a symlink out of its directory: `..data` must point at one of its
@@ -181,12 +184,65 @@ fn name_for_message(name: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct AtomicWriter {
     dir: PathBuf,
+    retire_delay: std::time::Duration,
 }
 
 impl AtomicWriter {
     /// A writer for `dir`, which must exist when [`write`](Self::write) runs.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            retire_delay: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Waits `delay` between publishing a new version and removing the
+    /// previous one (the calling thread sleeps). A reader that resolved
+    /// `..data` just before the swap finishes its path walk in microseconds;
+    /// a grace period of a few dozen milliseconds makes a `NotFound` in that
+    /// window practically impossible, while the old content stays reachable
+    /// (by its hidden directory name only) for no longer than the delay.
+    pub fn with_retire_delay(mut self, delay: std::time::Duration) -> Self {
+        self.retire_delay = delay;
+        self
+    }
+
+    /// The files of the current version: name → content and permission
+    /// bits. Empty when nothing was written yet. Used to withdraw some files
+    /// and keep the others without asking custody for them again.
+    pub fn read_current(&self) -> Result<Payload, AtomicWriteError> {
+        let mut payload = Payload::new();
+        let Some(version) = self.current_version_dir()? else {
+            return Ok(payload);
+        };
+        let version_path = self.dir.join(version);
+        for entry in fs::read_dir(&version_path).map_err(io_error("list", &version_path))? {
+            let entry = entry.map_err(io_error("list", &version_path))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if validate_file_name(&name).is_err() {
+                continue;
+            }
+            let path = entry.path();
+            let mut file = OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(io_error("open", &path))?;
+            let metadata = file.metadata().map_err(io_error("inspect", &path))?;
+            if !metadata.is_file() {
+                continue;
+            }
+            let mut bytes = Vec::with_capacity(metadata.len() as usize);
+            file.read_to_end(&mut bytes)
+                .map_err(io_error("read", &path))?;
+            payload.insert(
+                name,
+                FileContent::new(bytes, metadata.mode() & PERMISSION_BITS),
+            );
+        }
+        Ok(payload)
     }
 
     pub fn dir(&self) -> &Path {
@@ -237,6 +293,12 @@ impl AtomicWriter {
         };
 
         self.sync_user_visible_links(payload)?;
+        if outcome == WriteOutcome::Written
+            && current_version.is_some()
+            && !self.retire_delay.is_zero()
+        {
+            std::thread::sleep(self.retire_delay);
+        }
         self.remove_stale_versions()?;
         sync_dir(&self.dir)?;
         Ok(outcome)
@@ -942,6 +1004,66 @@ mod tests {
         assert!(whole > 0, "reader never completed a read");
         assert!(is_whole_version(&fs::read(dir.path().join("key"))?));
         assert_eq!(fs::read(dir.path().join("key"))?, versioned_content(100));
+        Ok(())
+    }
+
+    #[test]
+    fn read_current_returns_the_live_files_with_their_modes() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let writer = AtomicWriter::new(dir.path());
+        assert!(writer.read_current()?.is_empty());
+        let files = payload(&[("a", b"alpha", 0o440), ("b", b"beta", 0o400)]);
+        writer.write(&files, None)?;
+        assert_eq!(writer.read_current()?, files);
+        // Keeping all but one file is a rewrite without it.
+        let mut kept = writer.read_current()?;
+        kept.remove("a");
+        assert_eq!(writer.write(&kept, None)?, WriteOutcome::Written);
+        assert_eq!(user_visible(dir.path()), vec!["b".to_owned()]);
+        assert_eq!(writer.read_current()?, payload(&[("b", b"beta", 0o400)]));
+        Ok(())
+    }
+
+    /// With a retire delay the user-visible path always resolves: a reader
+    /// never sees `NotFound`, only whole versions.
+    #[test]
+    fn with_a_retire_delay_a_reader_never_misses_the_file() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let writer =
+            AtomicWriter::new(dir.path()).with_retire_delay(std::time::Duration::from_millis(20));
+        let version = |n: usize| -> Payload {
+            [(
+                "key".to_owned(),
+                FileContent::new(versioned_content(n), 0o444),
+            )]
+            .into_iter()
+            .collect()
+        };
+        writer.write(&version(0), None)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let stop = Arc::clone(&stop);
+            let path = dir.path().join("key");
+            std::thread::spawn(move || {
+                let (mut whole, mut bad) = (0_u64, 0_u64);
+                while !stop.load(Ordering::Relaxed) {
+                    match fs::read(&path) {
+                        Ok(bytes) if is_whole_version(&bytes) => whole += 1,
+                        _ => bad += 1,
+                    }
+                }
+                (whole, bad)
+            })
+        };
+        for n in 1..=50 {
+            writer.write(&version(n), None)?;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (whole, bad) = reader.join().map_err(|_| "reader thread panicked")?;
+        assert_eq!(bad, 0, "reader saw a missing or torn file");
+        assert!(whole > 0);
+        // Only the live version is left.
+        assert_eq!(version_dirs(dir.path()).len(), 1);
         Ok(())
     }
 }

@@ -3,12 +3,14 @@
 //! A node-only plugin: no CONTROLLER_SERVICE capability (kubelet never calls
 //! a controller for inline volumes), so GetPluginCapabilities is empty.
 //! Probe reports `ready` honestly: true only while custody is reachable
-//! (a result the resolver caches for a few seconds).
+//! (a result the resolver caches for a few seconds). An open invalidation
+//! stream proves that without a dial; without it, the resolver dials.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::push::PushState;
 use super::resolver::Resolver;
 use crate::proto::csi::v1 as csi;
 use crate::proto::csi::v1::identity_server::Identity;
@@ -20,11 +22,21 @@ pub const DRIVER_NAME: &str = "csi.scopehold.dev";
 #[derive(Debug)]
 pub struct IdentityService<R> {
     resolver: Arc<R>,
+    push: Option<Arc<PushState>>,
 }
 
 impl<R: Resolver> IdentityService<R> {
     pub fn new(resolver: Arc<R>) -> Self {
-        Self { resolver }
+        Self {
+            resolver,
+            push: None,
+        }
+    }
+
+    /// Lets Probe use the invalidation stream's state.
+    pub fn with_push_state(mut self, push: Arc<PushState>) -> Self {
+        self.push = Some(push);
+        self
     }
 }
 
@@ -54,7 +66,8 @@ impl<R: Resolver> Identity for IdentityService<R> {
         &self,
         _request: Request<csi::ProbeRequest>,
     ) -> Result<Response<csi::ProbeResponse>, Status> {
-        let ready = self.resolver.probe().await;
+        let streaming = self.push.as_ref().is_some_and(|push| push.connected());
+        let ready = streaming || self.resolver.probe().await;
         Ok(Response::new(csi::ProbeResponse { ready: Some(ready) }))
     }
 }

@@ -7,9 +7,14 @@
 //!   private writable view for updates.
 //! - [`atomic_writer`]: kubelet-style `..data` swap of the volume's files.
 //! - [`registry`]: on-disk record of published volumes (no secret values).
+//! - [`volumes`]: the in-memory view of them, with each pod's token.
 //! - [`resolver`]: the custody client behind the [`resolver::Resolver`] seam.
 //! - [`locks`]: per-target serialisation of operations.
 //! - [`node`], [`identity`]: the CSI Node and Identity services.
+//! - [`converge`]: making a published volume hold what its pod may hold now
+//!   (republish, push, expiry), with per-volume work queues.
+//! - [`push`]: the invalidation stream from custody.
+//! - [`expiry`]: the local timer that withdraws expired grants.
 //! - [`controller`]: ControllerGetCapabilities only (for csi-sanity).
 //! - [`server`]: the unix socket and the wiring of `scopehold node`.
 //!
@@ -19,15 +24,19 @@
 
 pub mod atomic_writer;
 pub mod controller;
+pub mod converge;
+pub mod expiry;
 pub mod identity;
 pub mod locks;
 pub mod mounter;
 pub mod node;
+pub mod push;
 pub mod registry;
 pub mod resolver;
 pub mod server;
 pub mod target_path;
 pub mod volume_context;
+pub mod volumes;
 
 #[cfg(test)]
 mod tests {

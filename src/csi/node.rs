@@ -9,14 +9,22 @@
 //!    ephemeral;
 //! 2. take the per-target lock;
 //! 3. ask custody (`Resolve`) with the pod's token; a refusal mounts
-//!    nothing, and on a republish it withdraws the files already there;
+//!    nothing;
 //! 4. mount a size-limited tmpfs (never stacked), make the mount point
 //!    read-only, write the files through a private writable view with the
 //!    atomic writer (per-file modes, group = the pod's fsGroup), record the
-//!    volume in the registry.
+//!    volume in the registry and keep the pod's token in memory for the
+//!    push path ([`super::volumes`]).
 //!
 //! A failure in step 4 of a first publish unmounts and removes the target
 //! directory again, so nothing half-made is left behind.
+//!
+//! A republish (kubelet's `requiresRepublish`, our tmpfs already mounted at
+//! the target) converges the volume instead ([`super::converge`]): the
+//! files are rewritten only when they changed, a refusal withdraws them
+//! and the call still succeeds (kubernetes#121271: a failed republish
+//! could make kubelet drop the volume's directory), and an unreachable
+//! custody keeps them (the local expiry timer still applies).
 //!
 //! Nothing here logs or returns a token, a volume-context value other than
 //! pod and grant names, or file content.
@@ -30,6 +38,7 @@ use std::sync::Arc;
 use tonic::{Code, Request, Response, Status};
 
 use super::atomic_writer::{AtomicWriteError, AtomicWriter, FileContent, Payload, WriteOutcome};
+use super::converge::WorkQueue;
 use super::locks::KeyedLocks;
 use super::mounter::{MountError, Mounter, TmpfsOptions, UnmountMode};
 use super::registry::{
@@ -38,6 +47,7 @@ use super::registry::{
 use super::resolver::Resolver;
 use super::target_path::{TargetPath, TargetPathError, TargetPathPolicy};
 use super::volume_context::{PublishAttributes, VolumeContextError, parse_publish_attributes};
+use super::volumes::{TokenUpdate, VolumeTable};
 use crate::proto::csi::v1 as csi;
 use crate::proto::csi::v1::node_server::Node;
 use crate::proto::csi::v1::node_service_capability::rpc::Type as RpcType;
@@ -56,6 +66,13 @@ const MAX_ID_IN_LOG: usize = 80;
 /// fsGroup to every container's groups) and when it has none.
 const ROOT_MODE_WITH_GROUP: u32 = 0o750;
 const ROOT_MODE_WITHOUT_GROUP: u32 = 0o755;
+/// How long the previous version of a volume's files stays reachable after
+/// a rewrite (see [`AtomicWriter::with_retire_delay`]): readers that
+/// resolved `..data` just before the swap never see a missing file.
+pub(super) const RETIRE_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
+/// Concurrent custody calls of the push path and republishes together
+/// (a rotation can touch every volume on the node at once).
+const MAX_CONCURRENT_CUSTODY_CALLS: usize = 8;
 
 /// Settings of the Node service.
 #[derive(Debug, Clone)]
@@ -77,13 +94,32 @@ impl NodeConfig {
     }
 }
 
-/// The CSI Node service.
+/// The CSI Node service. Cheap to clone: the clones share everything (the
+/// push path and the expiry timer hold one each).
 pub struct NodeService<R> {
-    config: NodeConfig,
-    resolver: Arc<R>,
-    mounter: Mounter,
-    registry: Registry,
-    locks: KeyedLocks,
+    pub(super) config: NodeConfig,
+    pub(super) resolver: Arc<R>,
+    pub(super) mounter: Mounter,
+    pub(super) registry: Registry,
+    pub(super) locks: KeyedLocks,
+    pub(super) volumes: VolumeTable,
+    pub(super) work: WorkQueue,
+    pub(super) custody_permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl<R> Clone for NodeService<R> {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            resolver: self.resolver.clone(),
+            mounter: self.mounter.clone(),
+            registry: self.registry.clone(),
+            locks: self.locks.clone(),
+            volumes: self.volumes.clone(),
+            work: self.work.clone(),
+            custody_permits: self.custody_permits.clone(),
+        }
+    }
 }
 
 impl<R> fmt::Debug for NodeService<R> {
@@ -92,6 +128,7 @@ impl<R> fmt::Debug for NodeService<R> {
             .field("config", &self.config)
             .field("mounter", &self.mounter)
             .field("registry", &self.registry)
+            .field("volumes", &self.volumes.len())
             .finish_non_exhaustive()
     }
 }
@@ -217,6 +254,15 @@ impl PublishError {
     pub fn is_refusal(&self) -> bool {
         matches!(self, Self::Refused { .. })
     }
+
+    /// True for problems of this node (mounts, files, registry) rather than
+    /// of custody's answer.
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            Self::Mount(_) | Self::Write(_) | Self::Registry(_) | Self::Task(_)
+        )
+    }
 }
 
 impl From<PublishError> for Status {
@@ -291,7 +337,7 @@ fn mount_error_code(error: &MountError) -> Code {
 }
 
 /// `error: source: source…`, the message kubelet shows in the pod's events.
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(inner) = source {
@@ -302,7 +348,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     message
 }
 
-fn shorten(text: &str, max: usize) -> String {
+pub(super) fn shorten(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }
@@ -401,15 +447,15 @@ fn check_volume_id(volume_id: &str) -> Result<(), usize> {
 
 /// The files of a response, checked, plus what the registry keeps of them.
 #[derive(Debug)]
-struct ResolvedPayload {
-    payload: Payload,
-    grants: Vec<PublishedGrant>,
+pub(super) struct ResolvedPayload {
+    pub(super) payload: Payload,
+    pub(super) grants: Vec<PublishedGrant>,
 }
 
 /// Turns custody's answer into the volume's files. Refuses names the
 /// writer would refuse, modes beyond 0o777, one file name from two grants,
 /// and more content than the volume can hold through a rotation.
-fn build_payload(
+pub(super) fn build_payload(
     response: &ResolveResponse,
     limit_bytes: u64,
 ) -> Result<ResolvedPayload, PublishError> {
@@ -419,6 +465,7 @@ fn build_payload(
     let mut total: u64 = 0;
     for grant in &response.grants {
         let mut files = Vec::with_capacity(grant.files.len());
+        let mut keys = Vec::with_capacity(grant.files.len());
         for file in &grant.files {
             super::atomic_writer::validate_file_name(&file.path).map_err(|reason| {
                 PublishError::BadResponse {
@@ -454,8 +501,11 @@ fn build_payload(
                 FileContent::new(file.content.clone(), file.mode),
             );
             files.push(file.path.clone());
+            keys.push(file.key.clone());
         }
         files.sort();
+        keys.sort();
+        keys.dedup();
         grants.push(PublishedGrant {
             grant: grant.grant.clone(),
             secret: grant.secret.clone(),
@@ -465,6 +515,7 @@ fn build_payload(
                 .as_ref()
                 .and_then(|at| jiff::Timestamp::new(at.seconds, at.nanos).ok()),
             files,
+            keys,
         });
     }
     if payload.len() > MAX_FILES {
@@ -501,7 +552,7 @@ pub fn new_request_id() -> String {
 }
 
 /// Runs blocking file-system and mount work off the async threads.
-async fn blocking<T, E>(
+pub(super) async fn blocking<T, E>(
     work: impl FnOnce() -> Result<T, E> + Send + 'static,
     task_error: impl FnOnce(String) -> E,
 ) -> Result<T, E>
@@ -561,7 +612,9 @@ impl Apply {
             .mounter
             .writable_view(target)
             .map_err(PublishError::Mount)?;
-        let written = AtomicWriter::new(view.path()).write(&self.payload, self.fs_group);
+        let written = AtomicWriter::new(view.path())
+            .with_retire_delay(RETIRE_DELAY)
+            .write(&self.payload, self.fs_group);
         view.close().map_err(PublishError::Mount)?;
         let written = written.map_err(PublishError::Write)?;
         self.registry
@@ -590,25 +643,6 @@ fn undo_mount(mounter: &Mounter, target: &Path) {
     }
 }
 
-/// Empties a published volume (custody refused it on a republish) and
-/// records that no grant is mounted.
-fn withdraw(
-    mounter: &Mounter,
-    registry: &Registry,
-    target: &Path,
-    mut entry: PublishedVolume,
-    fs_group: Option<u32>,
-) -> Result<WriteOutcome, PublishError> {
-    let view = mounter.writable_view(target).map_err(PublishError::Mount)?;
-    let written = AtomicWriter::new(view.path()).write(&Payload::new(), fs_group);
-    view.close().map_err(PublishError::Mount)?;
-    let written = written.map_err(PublishError::Write)?;
-    entry.grants.clear();
-    entry.updated_at = jiff::Timestamp::now();
-    registry.store(&entry).map_err(PublishError::Registry)?;
-    Ok(written)
-}
-
 impl<R: Resolver> NodeService<R> {
     pub fn new(config: NodeConfig, resolver: Arc<R>, mounter: Mounter, registry: Registry) -> Self {
         Self {
@@ -617,11 +651,23 @@ impl<R: Resolver> NodeService<R> {
             mounter,
             registry,
             locks: KeyedLocks::new(),
+            volumes: VolumeTable::new(),
+            work: WorkQueue::default(),
+            custody_permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CUSTODY_CALLS)),
         }
     }
 
     pub fn config(&self) -> &NodeConfig {
         &self.config
+    }
+
+    /// The published volumes as this plugin tracks them.
+    pub fn volumes(&self) -> &VolumeTable {
+        &self.volumes
+    }
+
+    pub fn resolver(&self) -> &Arc<R> {
+        &self.resolver
     }
 
     /// NodePublishVolume.
@@ -698,7 +744,11 @@ impl<R: Resolver> NodeService<R> {
                 .map(|entry| entry.agent.clone())
                 .unwrap_or_default(),
             requested_grants: checked.attributes.grants.clone(),
-            grants: Vec::new(),
+            // What is mounted now: a republish compares against it.
+            grants: existing
+                .as_ref()
+                .map(|entry| entry.grants.clone())
+                .unwrap_or_default(),
             fs_group: checked.fs_group,
             read_only: checked.read_only,
             published_at: existing
@@ -708,17 +758,21 @@ impl<R: Resolver> NodeService<R> {
             updated_at: now,
         };
 
-        let response = match self.resolver.resolve(resolve_request).await {
-            Ok(response) => response,
-            Err(status) => {
-                let error = PublishError::from_custody(&status);
-                if mounted && error.is_refusal() {
-                    self.withdraw_after_refusal(&checked, entry, &request_id)
-                        .await;
-                }
-                return Err(error);
-            }
-        };
+        if mounted {
+            let files = self
+                .republish_locked(entry, checked.attributes.token.clone(), &request_id)
+                .await?;
+            return Ok(PublishOutcome {
+                mounted: false,
+                files,
+            });
+        }
+
+        let response = {
+            let _permit = self.custody_permit().await;
+            self.resolver.resolve(resolve_request).await
+        }
+        .map_err(|status| PublishError::from_custody(&status))?;
         let resolved = build_payload(&response, self.config.payload_limit_bytes())?;
         entry.agent = response.agent.clone();
         entry.grants = resolved.grants;
@@ -742,6 +796,10 @@ impl<R: Resolver> NodeService<R> {
             entry: entry.clone(),
         };
         let outcome = blocking(move || apply.run(), PublishError::Task).await?;
+        self.volumes.upsert(
+            entry.clone(),
+            TokenUpdate::Set(checked.attributes.token.clone()),
+        );
         tracing::info!(
             volume_id = %checked.volume_id,
             namespace = %pod.namespace,
@@ -754,41 +812,6 @@ impl<R: Resolver> NodeService<R> {
             "volume published"
         );
         Ok(outcome)
-    }
-
-    async fn withdraw_after_refusal(
-        &self,
-        checked: &CheckedPublish,
-        entry: PublishedVolume,
-        request_id: &str,
-    ) {
-        let mounter = self.mounter.clone();
-        let registry = self.registry.clone();
-        let target = checked.target.path().to_path_buf();
-        let fs_group = checked.fs_group;
-        let result = blocking(
-            move || withdraw(&mounter, &registry, &target, entry, fs_group),
-            PublishError::Task,
-        )
-        .await;
-        let pod = &checked.attributes.pod;
-        match result {
-            Ok(_) => tracing::warn!(
-                volume_id = %checked.volume_id,
-                namespace = %pod.namespace,
-                pod = %pod.name,
-                request_id = %request_id,
-                "custody refused a republish; the volume's files were withdrawn"
-            ),
-            Err(error) => tracing::error!(
-                volume_id = %checked.volume_id,
-                namespace = %pod.namespace,
-                pod = %pod.name,
-                request_id = %request_id,
-                error = %error_chain(&error),
-                "custody refused a republish and the files could not be withdrawn"
-            ),
-        }
     }
 
     /// NodeUnpublishVolume: unmounts our tmpfs, removes the target
@@ -815,11 +838,16 @@ impl<R: Resolver> NodeService<R> {
         let mounter = self.mounter.clone();
         let registry = self.registry.clone();
         let volume_id = request.volume_id.clone();
+        let unmounted = target.clone();
         let removed_entry = blocking(
-            move || unpublish_blocking(&mounter, &registry, &volume_id, &target),
+            move || unpublish_blocking(&mounter, &registry, &volume_id, &unmounted),
             UnpublishError::Task,
         )
         .await?;
+        // Forget the token with the volume (only if it is this target's).
+        if self.volumes.target_of(&request.volume_id).as_deref() == Some(target.as_path()) {
+            self.volumes.remove(&request.volume_id);
+        }
         tracing::info!(
             volume_id = %request.volume_id,
             namespace = removed_entry.as_ref().map(|entry| entry.pod.namespace.as_str()),
@@ -1055,4 +1083,4 @@ impl<R: Resolver> Node for NodeService<R> {
 
 #[cfg(test)]
 #[path = "node_tests.rs"]
-mod tests;
+pub(crate) mod tests;

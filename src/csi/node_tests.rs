@@ -1,5 +1,6 @@
 //! Unit tests of the Node and Identity services with a fake resolver and
 //! real tmpfs mounts under a temporary directory (the tests run as root).
+//! The fixtures are shared with the push-path tests (`converge_tests.rs`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
@@ -20,52 +21,112 @@ use crate::csi::volume_context::{
 };
 use crate::proto::csi::v1::identity_server::Identity;
 use crate::proto::csi::v1::volume_capability::{AccessMode, BlockVolume, MountVolume};
-use crate::proto::scopehold::v1::{File as CustodyFile, ResolvedGrant};
+use crate::proto::scopehold::v1::{
+    File as CustodyFile, GrantRef, GrantState, Invalidation, ResolvedGrant,
+};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+pub(crate) type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-const UID: &str = "0f8e6a2c-3b1d-4c5e-9f70-1a2b3c4d5e6f";
-const VOLUME: &str = "credentials";
-const POD_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.eyJwb2QiOiJjbGF1ZGUtMCJ9.cG9kLXRva2VuLXNpZw";
-const SECRET_A: &[u8] = b"sk-live-unit-test-value-a";
-const SECRET_B: &[u8] = b"ghp-unit-test-value-b";
-const FS_GROUP: u32 = 4567;
-const TMPFS_SIZE: u64 = 1024 * 1024;
+pub(crate) const UID: &str = "0f8e6a2c-3b1d-4c5e-9f70-1a2b3c4d5e6f";
+pub(crate) const VOLUME: &str = "credentials";
+pub(crate) const POD_TOKEN: &str =
+    "eyJhbGciOiJSUzI1NiJ9.eyJwb2QiOiJjbGF1ZGUtMCJ9.cG9kLXRva2VuLXNpZw";
+pub(crate) const SECRET_A: &[u8] = b"sk-live-unit-test-value-a";
+pub(crate) const SECRET_B: &[u8] = b"ghp-unit-test-value-b";
+pub(crate) const FS_GROUP: u32 = 4567;
+pub(crate) const TMPFS_SIZE: u64 = 1024 * 1024;
 
-/// A resolver that records requests and gives a preset answer.
-struct FakeResolver {
+/// The sender side of one invalidation stream a [`FakeResolver`] hands out.
+pub(crate) type StreamSender = tokio::sync::mpsc::UnboundedSender<Result<Invalidation, Status>>;
+
+/// A resolver that records requests and gives preset answers.
+pub(crate) struct FakeResolver {
     answer: Mutex<Result<ResolveResponse, Status>>,
+    /// Answers for requests naming exactly these grants (before `answer`).
+    answer_for: Mutex<HashMap<Vec<String>, Result<ResolveResponse, Status>>>,
     requests: Mutex<Vec<ResolveRequest>>,
+    /// Inactive grants (grant → reason) for GrantStates; `Err` to fail it.
+    inactive: Mutex<Result<HashMap<String, String>, Status>>,
+    grant_state_calls: Mutex<Vec<Vec<GrantRef>>>,
+    /// Streams handed out by watch_invalidations, one per call; when none is
+    /// left the call fails with UNAVAILABLE.
+    streams: Mutex<Vec<tokio::sync::mpsc::UnboundedReceiver<Result<Invalidation, Status>>>>,
     reachable: bool,
 }
 
 impl FakeResolver {
-    fn new(answer: Result<ResolveResponse, Status>) -> Self {
+    pub(crate) fn new(answer: Result<ResolveResponse, Status>) -> Self {
         Self {
             answer: Mutex::new(answer),
+            answer_for: Mutex::new(HashMap::new()),
             requests: Mutex::new(Vec::new()),
+            inactive: Mutex::new(Ok(HashMap::new())),
+            grant_state_calls: Mutex::new(Vec::new()),
+            streams: Mutex::new(Vec::new()),
             reachable: true,
         }
     }
 
-    fn set_answer(&self, answer: Result<ResolveResponse, Status>) {
+    pub(crate) fn set_answer(&self, answer: Result<ResolveResponse, Status>) {
         if let Ok(mut current) = self.answer.lock() {
             *current = answer;
         }
     }
 
-    fn requests(&self) -> Vec<ResolveRequest> {
+    pub(crate) fn set_answer_for(&self, grants: &[&str], answer: Result<ResolveResponse, Status>) {
+        if let Ok(mut answers) = self.answer_for.lock() {
+            answers.insert(grants.iter().map(|g| (*g).to_owned()).collect(), answer);
+        }
+    }
+
+    pub(crate) fn set_inactive(&self, inactive: Result<&[(&str, &str)], Status>) {
+        if let Ok(mut current) = self.inactive.lock() {
+            *current = inactive.map(|pairs| {
+                pairs
+                    .iter()
+                    .map(|(grant, reason)| ((*grant).to_owned(), (*reason).to_owned()))
+                    .collect()
+            });
+        }
+    }
+
+    /// A new stream for the next watch_invalidations call.
+    pub(crate) fn add_stream(&self) -> StreamSender {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(mut streams) = self.streams.lock() {
+            streams.push(receiver);
+        }
+        sender
+    }
+
+    pub(crate) fn requests(&self) -> Vec<ResolveRequest> {
         self.requests
             .lock()
             .map(|requests| requests.clone())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn grant_state_calls(&self) -> Vec<Vec<GrantRef>> {
+        self.grant_state_calls
+            .lock()
+            .map(|calls| calls.clone())
             .unwrap_or_default()
     }
 }
 
 impl Resolver for FakeResolver {
     async fn resolve(&self, request: ResolveRequest) -> Result<ResolveResponse, Status> {
+        let specific = self
+            .answer_for
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))?
+            .get(&request.grants)
+            .cloned();
         if let Ok(mut requests) = self.requests.lock() {
             requests.push(request);
+        }
+        if let Some(answer) = specific {
+            return answer;
         }
         self.answer
             .lock()
@@ -76,9 +137,50 @@ impl Resolver for FakeResolver {
     async fn probe(&self) -> bool {
         self.reachable
     }
+
+    async fn watch_invalidations(
+        &self,
+        _node_name: String,
+    ) -> Result<crate::csi::resolver::InvalidationStream, Status> {
+        let receiver = self
+            .streams
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))?
+            .pop();
+        match receiver {
+            Some(receiver) => Ok(Box::pin(
+                tokio_stream::wrappers::UnboundedReceiverStream::new(receiver),
+            )),
+            None => Err(Status::unavailable("custody is down")),
+        }
+    }
+
+    async fn grant_states(&self, grants: Vec<GrantRef>) -> Result<Vec<GrantState>, Status> {
+        if let Ok(mut calls) = self.grant_state_calls.lock() {
+            calls.push(grants.clone());
+        }
+        let inactive = self
+            .inactive
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))?
+            .clone()?;
+        Ok(grants
+            .into_iter()
+            .map(|grant_ref| {
+                let reason = inactive.get(&grant_ref.grant).cloned();
+                GrantState {
+                    active: reason.is_none(),
+                    reason: reason.unwrap_or_else(|| "Active".to_owned()),
+                    expires_at: None,
+                    content_digest: String::new(),
+                    grant_ref: Some(grant_ref),
+                }
+            })
+            .collect())
+    }
 }
 
-fn grant(name: &str, digest: &str, files: &[(&str, &[u8], u32)]) -> ResolvedGrant {
+pub(crate) fn grant(name: &str, digest: &str, files: &[(&str, &[u8], u32)]) -> ResolvedGrant {
     ResolvedGrant {
         grant: name.to_owned(),
         secret: format!("{name}-secret"),
@@ -99,7 +201,7 @@ fn grant(name: &str, digest: &str, files: &[(&str, &[u8], u32)]) -> ResolvedGran
     }
 }
 
-fn two_grants() -> ResolveResponse {
+pub(crate) fn two_grants() -> ResolveResponse {
     ResolveResponse {
         agent: "claude".to_owned(),
         grants: vec![
@@ -120,18 +222,18 @@ fn two_grants() -> ResolveResponse {
 
 /// A kubelet directory under a temp dir, a Node service over it, and
 /// cleanup of any mount a failing test leaves.
-struct Fixture<R: Resolver> {
-    root: tempfile::TempDir,
-    resolver: Arc<R>,
-    service: NodeService<R>,
+pub(crate) struct Fixture<R: Resolver> {
+    pub(crate) root: tempfile::TempDir,
+    pub(crate) resolver: Arc<R>,
+    pub(crate) service: NodeService<R>,
 }
 
 impl<R: Resolver> Fixture<R> {
-    fn with_resolver(resolver: R) -> Result<Self, Box<dyn std::error::Error>> {
+    pub(crate) fn with_resolver(resolver: R) -> Result<Self, Box<dyn std::error::Error>> {
         Self::with_scratch(resolver, None)
     }
 
-    fn with_scratch(
+    pub(crate) fn with_scratch(
         resolver: R,
         scratch: Option<PathBuf>,
     ) -> Result<Self, Box<dyn std::error::Error>> {
@@ -161,25 +263,25 @@ impl<R: Resolver> Fixture<R> {
         })
     }
 
-    fn kubelet_dir(&self) -> PathBuf {
+    pub(crate) fn kubelet_dir(&self) -> PathBuf {
         self.root.path().join("kubelet")
     }
 
-    fn target(&self) -> PathBuf {
+    pub(crate) fn target(&self) -> PathBuf {
         target_in(&self.kubelet_dir(), UID, VOLUME)
     }
 
-    fn registry(&self) -> Result<Registry, RegistryError> {
+    pub(crate) fn registry(&self) -> Result<Registry, RegistryError> {
         Registry::open(self.root.path().join("state"))
     }
 
     /// A NodePublishVolume request as kubelet sends it for this pod.
-    fn request(&self) -> csi::NodePublishVolumeRequest {
+    pub(crate) fn request(&self) -> csi::NodePublishVolumeRequest {
         publish_request(&self.target(), UID, VOLUME)
     }
 
     /// How many mounts sit exactly at `path`.
-    fn mounts_at(&self, path: &Path) -> Result<usize, Box<dyn std::error::Error>> {
+    pub(crate) fn mounts_at(&self, path: &Path) -> Result<usize, Box<dyn std::error::Error>> {
         let Ok(canonical) = fs::canonicalize(path) else {
             return Ok(0);
         };
@@ -190,7 +292,7 @@ impl<R: Resolver> Fixture<R> {
     }
 
     /// Mounts anywhere under the fixture's root.
-    fn mounts_under_root(&self) -> Result<usize, Box<dyn std::error::Error>> {
+    pub(crate) fn mounts_under_root(&self) -> Result<usize, Box<dyn std::error::Error>> {
         let root = fs::canonicalize(self.root.path())?;
         Ok(mounts()?
             .iter()
@@ -200,7 +302,7 @@ impl<R: Resolver> Fixture<R> {
 
     /// Every path under the root (not following links), for "nothing was
     /// created" checks.
-    fn tree(&self) -> Result<BTreeSet<PathBuf>, std::io::Error> {
+    pub(crate) fn tree(&self) -> Result<BTreeSet<PathBuf>, std::io::Error> {
         let mut paths = BTreeSet::new();
         let mut pending = vec![self.root.path().to_path_buf()];
         while let Some(dir) = pending.pop() {
@@ -233,11 +335,12 @@ impl<R: Resolver> Drop for Fixture<R> {
     }
 }
 
-fn mounts() -> Result<Vec<crate::csi::mounter::MountInfoEntry>, Box<dyn std::error::Error>> {
+pub(crate) fn mounts()
+-> Result<Vec<crate::csi::mounter::MountInfoEntry>, Box<dyn std::error::Error>> {
     Ok(parse_mountinfo(&fs::read("/proc/self/mountinfo")?)?)
 }
 
-fn target_in(kubelet: &Path, uid: &str, volume: &str) -> PathBuf {
+pub(crate) fn target_in(kubelet: &Path, uid: &str, volume: &str) -> PathBuf {
     kubelet
         .join("pods")
         .join(uid)
@@ -247,7 +350,7 @@ fn target_in(kubelet: &Path, uid: &str, volume: &str) -> PathBuf {
         .join("mount")
 }
 
-fn mount_capability(volume_mount_group: &str) -> csi::VolumeCapability {
+pub(crate) fn mount_capability(volume_mount_group: &str) -> csi::VolumeCapability {
     csi::VolumeCapability {
         access_mode: Some(AccessMode { mode: 1 }),
         access_type: Some(AccessType::Mount(MountVolume {
@@ -258,7 +361,11 @@ fn mount_capability(volume_mount_group: &str) -> csi::VolumeCapability {
     }
 }
 
-fn publish_request(target: &Path, uid: &str, volume: &str) -> csi::NodePublishVolumeRequest {
+pub(crate) fn publish_request(
+    target: &Path,
+    uid: &str,
+    volume: &str,
+) -> csi::NodePublishVolumeRequest {
     let tokens = serde_json::json!({
         TOKEN_AUDIENCE: {"token": POD_TOKEN, "expirationTimestamp": "2030-01-01T00:00:00Z"}
     })
@@ -283,7 +390,7 @@ fn publish_request(target: &Path, uid: &str, volume: &str) -> csi::NodePublishVo
     }
 }
 
-fn unpublish_request(volume_id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
+pub(crate) fn unpublish_request(volume_id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
     csi::NodeUnpublishVolumeRequest {
         volume_id: volume_id.to_owned(),
         target_path: target.to_string_lossy().into_owned(),
@@ -291,7 +398,7 @@ fn unpublish_request(volume_id: &str, target: &Path) -> csi::NodeUnpublishVolume
 }
 
 /// User-visible names in a volume (without the writer's `..` entries).
-fn visible_files(target: &Path) -> Result<BTreeSet<String>, std::io::Error> {
+pub(crate) fn visible_files(target: &Path) -> Result<BTreeSet<String>, std::io::Error> {
     let mut names = BTreeSet::new();
     for entry in fs::read_dir(target)? {
         let name = entry?.file_name().to_string_lossy().into_owned();
@@ -302,7 +409,7 @@ fn visible_files(target: &Path) -> Result<BTreeSet<String>, std::io::Error> {
     Ok(names)
 }
 
-fn assert_clean_message(status: &Status) {
+pub(crate) fn assert_clean_message(status: &Status) {
     let message = status.message();
     assert!(!message.contains(POD_TOKEN), "token leaked: {message}");
     assert!(
@@ -496,7 +603,7 @@ async fn second_publish_is_idempotent_and_converges_content() -> TestResult {
 }
 
 impl Fixture<FakeResolver> {
-    fn set_answer(&self, answer: Result<ResolveResponse, Status>) {
+    pub(crate) fn set_answer(&self, answer: Result<ResolveResponse, Status>) {
         self.resolver.set_answer(answer);
     }
 }
@@ -867,27 +974,20 @@ async fn refusal_on_republish_withdraws_the_files_but_unavailability_keeps_them(
     fixture.service.publish(&request).await?;
 
     // Custody unreachable: keep what the pod has (the push stream and the
-    // next republish decide).
+    // next republish decide; expiry still applies) and tell kubelet OK.
     fixture.set_answer(Err(Status::unavailable("down")));
-    let error = fixture
-        .service
-        .publish(&request)
-        .await
-        .err()
-        .ok_or("accepted")?;
-    assert_eq!(error.code(), Code::Unavailable);
+    let kept = fixture.service.publish(&request).await?;
+    assert_eq!(kept.files, WriteOutcome::Unchanged);
     assert_eq!(visible_files(&target)?.len(), 2);
 
     // Custody refuses: the files go, the (read-only) mount stays for
-    // kubelet's unpublish.
-    fixture.set_answer(Err(Status::permission_denied("grant revoked")));
-    let error = fixture
-        .service
-        .publish(&request)
-        .await
-        .err()
-        .ok_or("accepted")?;
-    assert_eq!(error.code(), Code::PermissionDenied);
+    // kubelet's unpublish, and the republish still succeeds
+    // (kubernetes#121271).
+    fixture.set_answer(Err(Status::permission_denied(
+        "AgentSuspended: agent is suspended",
+    )));
+    let withdrawn = fixture.service.publish(&request).await?;
+    assert_eq!(withdrawn.files, WriteOutcome::Written);
     assert_eq!(visible_files(&target)?, BTreeSet::new());
     assert_eq!(fixture.mounts_at(&target)?, 1);
     let entry = fixture
@@ -895,6 +995,18 @@ async fn refusal_on_republish_withdraws_the_files_but_unavailability_keeps_them(
         .load(&request.volume_id)?
         .ok_or("entry removed")?;
     assert!(entry.grants.is_empty());
+    // Nothing but the writer's own entries is left in the volume.
+    let leftovers: Vec<String> = fs::read_dir(&target)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name != "..data")
+        .collect();
+    assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+
+    // Custody grants again: the next republish brings the files back.
+    fixture.set_answer(Ok(two_grants()));
+    fixture.service.publish(&request).await?;
+    assert_eq!(visible_files(&target)?.len(), 2);
 
     fixture
         .service
@@ -902,6 +1014,7 @@ async fn refusal_on_republish_withdraws_the_files_but_unavailability_keeps_them(
         .await?;
     assert_eq!(fixture.mounts_under_root()?, 0);
     assert!(!target.exists());
+    assert!(fixture.service.volumes().is_empty());
     Ok(())
 }
 

@@ -54,6 +54,10 @@ pub struct PublishedGrant {
     /// File names this grant put into the mount.
     #[serde(default)]
     pub files: Vec<String>,
+    /// The Secret keys behind those files (for audit records; older entries
+    /// lack them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
 }
 
 /// Everything the plugin remembers about one published volume.
@@ -347,6 +351,7 @@ mod tests {
                 content_digest: "0123456789ab".to_owned(),
                 expires_at: Some("2026-11-26T18:00:00Z".parse()?),
                 files: vec!["api-key".to_owned()],
+                keys: vec!["service-key".to_owned()],
             }],
             fs_group: Some(1000),
             read_only: true,

@@ -9,17 +9,27 @@
 //! tokens in place, and a cached copy would expire under a long-running
 //! plugin. Neither the token nor anything derived from it appears in an error
 //! message or a log line.
+//!
+//! The invalidation stream runs on a channel of its own, without the request
+//! timeout (it is meant to stay open) but with HTTP/2 keepalives, so that a
+//! custody that vanished without closing the connection is noticed within
+//! seconds rather than at the next TCP timeout.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use futures::{Stream, StreamExt};
 use tonic::Status;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::proto::scopehold::v1::custody_client::CustodyClient;
-use crate::proto::scopehold::v1::{ResolveRequest, ResolveResponse};
+use crate::proto::scopehold::v1::{
+    GrantRef, GrantState, GrantStatesRequest, Invalidation, ResolveRequest, ResolveResponse,
+    WatchRequest,
+};
 
 /// How long one connection attempt to custody may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -32,6 +42,14 @@ pub const PROBE_CACHE_TTL: Duration = Duration::from_secs(5);
 const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 /// Largest ResolveResponse accepted from custody.
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// HTTP/2 pings on the invalidation stream's connection: a dead custody is
+/// noticed after at most interval + timeout.
+const STREAM_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const STREAM_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The invalidations custody pushes, as the node plugin consumes them.
+pub type InvalidationStream =
+    Pin<Box<dyn Stream<Item = Result<Invalidation, Status>> + Send + 'static>>;
 
 /// Resolves a pod's grants into files. Implemented over gRPC by
 /// [`CustodyResolver`]; tests use fakes.
@@ -47,6 +65,33 @@ pub trait Resolver: Send + Sync + 'static {
     /// Whether custody is reachable right now (may be a recent cached
     /// answer). Backs the CSI `Probe`.
     fn probe(&self) -> impl Future<Output = bool> + Send;
+
+    /// Opens custody's `WatchInvalidations` stream for this node. The
+    /// default (for resolvers without a push path, such as simple test
+    /// fakes) is `UNIMPLEMENTED`.
+    fn watch_invalidations(
+        &self,
+        node_name: String,
+    ) -> impl Future<Output = Result<InvalidationStream, Status>> + Send {
+        async move {
+            let _ = node_name;
+            Err(Status::unimplemented(
+                "this resolver has no invalidation stream",
+            ))
+        }
+    }
+
+    /// Calls custody's `GrantStates`: whether each grant may still be held,
+    /// without a pod token. The default is `UNIMPLEMENTED`.
+    fn grant_states(
+        &self,
+        grants: Vec<GrantRef>,
+    ) -> impl Future<Output = Result<Vec<GrantState>, Status>> + Send {
+        async move {
+            let _ = grants;
+            Err(Status::unimplemented("this resolver has no GrantStates"))
+        }
+    }
 }
 
 /// How to reach custody.
@@ -96,6 +141,8 @@ pub enum CustodyClientError {
 #[derive(Debug)]
 pub struct CustodyResolver {
     client: CustodyClient<Channel>,
+    /// A separate channel for the long-lived invalidation stream.
+    watch_client: CustodyClient<Channel>,
     /// For [`Resolver::probe`]: an eager connection attempt on a fresh
     /// channel, so the answer reflects TCP, TLS and HTTP/2 right now.
     endpoint: Endpoint,
@@ -156,20 +203,26 @@ impl CustodyResolver {
                 ));
             }
         };
-        let mut endpoint = Endpoint::from_shared(endpoint_text.to_owned())
+        let mut base = Endpoint::from_shared(endpoint_text.to_owned())
             .map_err(CustodyClientError::Transport)?
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
             .tcp_nodelay(true);
         if let Some(tls) = tls {
-            endpoint = endpoint
+            base = base
                 .tls_config(tls)
                 .map_err(CustodyClientError::Transport)?;
         }
+        let endpoint = base.clone().timeout(REQUEST_TIMEOUT);
         let client = CustodyClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_RESPONSE_BYTES);
+        let watch_endpoint = base
+            .http2_keep_alive_interval(STREAM_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(STREAM_KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        let watch_client = CustodyClient::new(watch_endpoint.connect_lazy());
         Ok(Self {
             client,
+            watch_client,
             endpoint,
             token_file: config.token_file.clone(),
             probe_cache: tokio::sync::Mutex::new(None),
@@ -219,6 +272,22 @@ impl Resolver for CustodyResolver {
         };
         *cache = Some((Instant::now(), reachable));
         reachable
+    }
+
+    async fn watch_invalidations(&self, node_name: String) -> Result<InvalidationStream, Status> {
+        let request = self.authorized(WatchRequest { node_name }).await?;
+        let mut client = self.watch_client.clone();
+        let stream = client.watch_invalidations(request).await?.into_inner();
+        Ok(stream.boxed())
+    }
+
+    async fn grant_states(&self, grants: Vec<GrantRef>) -> Result<Vec<GrantState>, Status> {
+        let request = self.authorized(GrantStatesRequest { grants }).await?;
+        let mut client = self.client.clone();
+        client
+            .grant_states(request)
+            .await
+            .map(|response| response.into_inner().grants)
     }
 }
 

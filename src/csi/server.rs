@@ -15,9 +15,11 @@ use super::controller::ControllerCapabilitiesServer;
 use super::identity::{DRIVER_NAME, IdentityService};
 use super::mounter::Mounter;
 use super::node::{NodeConfig, NodeService, new_request_id};
+use super::push::PushState;
 use super::registry::{Registry, RegistryError};
 use super::resolver::{CustodyClientConfig, CustodyClientError, CustodyResolver};
 use super::target_path::{TargetPathError, TargetPathPolicy};
+use super::volumes::TokenUpdate;
 use crate::proto::csi::v1::identity_server::IdentityServer;
 use crate::proto::csi::v1::node_server::NodeServer;
 
@@ -224,11 +226,7 @@ pub async fn run(
     for problem in &loaded.problems {
         tracing::warn!(error = %problem, "skipping an unreadable registry entry");
     }
-    tracing::info!(
-        volumes = loaded.volumes.len(),
-        state_dir = %settings.state_dir.display(),
-        "registry loaded"
-    );
+    let mounter = Mounter::new(&settings.scratch_dir);
 
     let node = NodeService::new(
         NodeConfig {
@@ -237,10 +235,41 @@ pub async fn run(
             tmpfs_size_bytes: settings.tmpfs_size_bytes,
         },
         resolver.clone(),
-        Mounter::new(&settings.scratch_dir),
+        mounter.clone(),
         registry,
     );
-    let identity = IdentityService::new(resolver);
+    // Enforcement resumes where it stopped: the volumes that are still
+    // mounted are tracked again (without tokens until their next republish;
+    // the stream's first RESYNC checks their grants with GrantStates), and
+    // their expiries are timed again.
+    let mut tracked = 0_usize;
+    for volume in loaded.volumes {
+        match mounter.mount_at(&volume.target_path) {
+            Ok(Some(mount)) if mount.is_scopehold_tmpfs() => {
+                node.volumes().upsert(volume, TokenUpdate::Clear);
+                tracked += 1;
+            }
+            Ok(_) => tracing::info!(
+                volume_id = %volume.volume_id,
+                target_path = %volume.target_path.display(),
+                "registry entry without a mount (the node restarted?); kubelet republishes or unpublishes it"
+            ),
+            Err(error) => tracing::warn!(
+                volume_id = %volume.volume_id,
+                error = %error,
+                "cannot check the mount of a registry entry; not tracking it"
+            ),
+        }
+    }
+    tracing::info!(
+        volumes = tracked,
+        state_dir = %settings.state_dir.display(),
+        "registry loaded"
+    );
+    let push_state = Arc::new(PushState::default());
+    let push = tokio::spawn(super::push::run(node.clone(), push_state.clone()));
+    let expiry = tokio::spawn(super::expiry::run(node.clone()));
+    let identity = IdentityService::new(resolver).with_push_state(push_state);
 
     let listener = bind_socket(&socket).map_err(|source| NodePluginError::Socket {
         path: socket.clone(),
@@ -266,6 +295,8 @@ pub async fn run(
             shutdown,
         )
         .await;
+    push.abort();
+    expiry.abort();
     if let Err(error) = fs::remove_file(&socket)
         && error.kind() != io::ErrorKind::NotFound
     {

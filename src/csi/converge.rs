@@ -1,0 +1,855 @@
+//! Convergence: making a published volume hold exactly what its pod may hold
+//! now, without unmounting it.
+//!
+//! Three ways in, one set of steps:
+//! - a republish (kubelet's periodic NodePublishVolume on a mounted target)
+//!   with the pod's fresh token;
+//! - the push path ([`super::push`]): an invalidation from custody becomes
+//!   [`Work`] for the volumes it concerns;
+//! - the expiry timer ([`super::expiry`]): a grant's known expiry passed.
+//!
+//! The steps, always under the volume's per-target lock:
+//! - withdrawing named grants (revoked, expired, deleted) or everything
+//!   (agent suspended, deleted or in conflict) is local: the files of the
+//!   other grants are read back from the volume and written again without
+//!   the withdrawn ones, so no custody call is needed and a withdrawal lands
+//!   even while custody is down;
+//! - refreshing re-resolves with the pod's token and rewrites the files
+//!   (nothing is written when they did not change). A refusal withdraws the
+//!   volume's files but keeps the mount; an unreachable custody keeps them.
+//!   Without a token (after a restart, before the next republish) it asks
+//!   `GrantStates` and withdraws the files of every inactive grant, only
+//!   those.
+//!
+//! Every grant whose files leave a volume gets a `ContentWithdrawn` audit
+//! line, every grant whose content changed a `SecretRotated` one. Work for a
+//! volume is queued per volume ([`WorkQueue`]): what arrives while the
+//! volume is busy is merged and done next, so a burst of invalidations costs
+//! one pass per volume.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tonic::{Code, Status};
+
+use super::atomic_writer::{AtomicWriter, Payload, WriteOutcome};
+use super::node::{
+    NodeService, PublishError, RETIRE_DELAY, blocking, build_payload, error_chain, new_request_id,
+    shorten,
+};
+use super::registry::{PublishedGrant, PublishedVolume};
+use super::resolver::Resolver;
+use super::volume_context::PodToken;
+use super::volumes::TokenUpdate;
+use crate::audit::{AuditRecord, Decision};
+use crate::proto::scopehold::v1::{GrantRef, ResolveRequest, ResolveResponse};
+
+/// Custody's refusal reasons are shortened to this length in audit lines.
+const MAX_REASON_BYTES: usize = 64;
+
+/// What to do to one volume. Merging two pieces of work keeps both:
+/// withdrawals first (they are local and fail closed), then a refresh.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Work {
+    /// Withdraw every file, for this reason.
+    withdraw_all: Option<String>,
+    /// Withdraw these grants' files: grant → reason.
+    withdraw: BTreeMap<String, String>,
+    /// Re-resolve (or, without a token, check the grant states).
+    refresh: bool,
+}
+
+impl Work {
+    pub fn refresh() -> Self {
+        Self {
+            refresh: true,
+            ..Self::default()
+        }
+    }
+
+    pub fn withdraw_all(reason: impl Into<String>) -> Self {
+        Self {
+            withdraw_all: Some(reason.into()),
+            ..Self::default()
+        }
+    }
+
+    pub fn withdraw_grants(grants: impl IntoIterator<Item = String>, reason: &str) -> Self {
+        Self {
+            withdraw: grants
+                .into_iter()
+                .map(|grant| (grant, reason.to_owned()))
+                .collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Adds `other` to this work (the first reason given for a grant wins).
+    pub fn merge(&mut self, other: Work) {
+        if self.withdraw_all.is_none() {
+            self.withdraw_all = other.withdraw_all;
+        }
+        for (grant, reason) in other.withdraw {
+            self.withdraw.entry(grant).or_insert(reason);
+        }
+        self.refresh |= other.refresh;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.withdraw_all.is_none() && self.withdraw.is_empty() && !self.refresh
+    }
+
+    pub fn refreshes(&self) -> bool {
+        self.refresh
+    }
+
+    fn withdrawal(&self) -> Option<Withdrawal> {
+        match &self.withdraw_all {
+            Some(reason) => Some(Withdrawal::All(reason.clone())),
+            None if !self.withdraw.is_empty() => Some(Withdrawal::Grants(self.withdraw.clone())),
+            None => None,
+        }
+    }
+}
+
+/// Which files leave a volume.
+#[derive(Debug, Clone)]
+pub(super) enum Withdrawal {
+    /// Everything, for this reason.
+    All(String),
+    /// The files of these grants (grant → reason).
+    Grants(BTreeMap<String, String>),
+}
+
+/// The result of converging one volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Converged {
+    /// A new version of the files was written (content changed or left).
+    Written,
+    /// The files already matched.
+    Unchanged,
+    /// Custody could not be asked; the files were kept as they are.
+    Kept,
+}
+
+impl Converged {
+    pub fn write_outcome(self) -> WriteOutcome {
+        match self {
+            Self::Written => WriteOutcome::Written,
+            Self::Unchanged | Self::Kept => WriteOutcome::Unchanged,
+        }
+    }
+}
+
+/// Pending work per volume, and which volumes have a worker.
+#[derive(Debug, Default)]
+struct QueueState {
+    pending: HashMap<String, Work>,
+    running: HashSet<String>,
+}
+
+/// At most one worker per volume; cheap to clone.
+#[derive(Debug, Default, Clone)]
+pub struct WorkQueue {
+    state: Arc<Mutex<QueueState>>,
+}
+
+impl WorkQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Merges `work` into the volume's pending work; true when the caller
+    /// must start a worker for it.
+    fn add(&self, volume_id: &str, work: Work) -> bool {
+        let mut state = self.lock();
+        state
+            .pending
+            .entry(volume_id.to_owned())
+            .or_default()
+            .merge(work);
+        state.running.insert(volume_id.to_owned())
+    }
+
+    /// The next pending work of a volume, or `None` (and the worker ends).
+    fn next(&self, volume_id: &str) -> Option<Work> {
+        let mut state = self.lock();
+        let work = state.pending.remove(volume_id);
+        if work.is_none() {
+            state.running.remove(volume_id);
+        }
+        work
+    }
+
+    /// Volumes with work queued or in progress.
+    pub fn busy(&self) -> usize {
+        self.lock().running.len()
+    }
+}
+
+/// `Reason` from custody's `Reason: message` statuses (a PascalCase word),
+/// else the code name.
+fn refusal_reason(status: &Status) -> String {
+    match status.message().split_once(':') {
+        Some((head, _))
+            if head.len() <= MAX_REASON_BYTES
+                && head.starts_with(|c: char| c.is_ascii_uppercase())
+                && head.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+        {
+            head.to_owned()
+        }
+        _ => format!("{:?}", status.code()),
+    }
+}
+
+fn timestamp(at: &prost_types::Timestamp) -> Option<jiff::Timestamp> {
+    jiff::Timestamp::new(at.seconds, at.nanos).ok()
+}
+
+impl<R: Resolver> NodeService<R> {
+    /// A permit for one custody call; `None` only if the semaphore was
+    /// closed, which never happens (the call then goes ahead unthrottled).
+    pub(super) async fn custody_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.custody_permits.acquire().await.ok()
+    }
+
+    /// Queues `work` for a volume and makes sure a worker runs it.
+    pub fn enqueue(&self, volume_id: &str, work: Work) {
+        if work.is_empty() {
+            return;
+        }
+        if self.work.add(volume_id, work) {
+            let service = self.clone();
+            let volume_id = volume_id.to_owned();
+            tokio::spawn(async move { service.drain(volume_id).await });
+        }
+    }
+
+    /// Volumes with work queued or in progress.
+    pub fn busy_volumes(&self) -> usize {
+        self.work.busy()
+    }
+
+    async fn drain(self, volume_id: String) {
+        while let Some(work) = self.work.next(&volume_id) {
+            self.perform(&volume_id, work).await;
+        }
+    }
+
+    /// Runs one (merged) piece of work on a volume: withdrawals, then the
+    /// refresh. Failures are logged; the next invalidation, republish or
+    /// expiry tries again.
+    async fn perform(&self, volume_id: &str, work: Work) {
+        let Some(target) = self.volumes.target_of(volume_id) else {
+            return;
+        };
+        let _guard = self.locks.lock(&target.to_string_lossy()).await;
+        if let Some(withdrawal) = work.withdrawal() {
+            // Unpublished while queued: nothing to do.
+            let Some((entry, _)) = self.volumes.get(volume_id, jiff::Timestamp::now()) else {
+                return;
+            };
+            if let Err(error) = self.withdraw_locked(entry.clone(), withdrawal, None).await {
+                tracing::error!(
+                    volume_id = %volume_id,
+                    namespace = %entry.pod.namespace,
+                    pod = %entry.pod.name,
+                    error = %error_chain(&error),
+                    "could not withdraw files"
+                );
+            }
+        }
+        if work.refreshes() {
+            let Some((entry, token)) = self.volumes.get(volume_id, jiff::Timestamp::now()) else {
+                return;
+            };
+            let request_id = new_request_id();
+            if let Err(error) = self
+                .refresh_locked(entry.clone(), token, TokenUpdate::Keep, &request_id)
+                .await
+            {
+                tracing::error!(
+                    volume_id = %volume_id,
+                    namespace = %entry.pod.namespace,
+                    pod = %entry.pod.name,
+                    request_id = %request_id,
+                    error = %error_chain(&error),
+                    "could not converge the volume"
+                );
+            }
+        }
+    }
+
+    /// A republish: converge with the fresh token and hold it. Only local
+    /// failures fail the call; whatever custody says (or does not say), the
+    /// volume was handled and kubelet gets OK.
+    pub(super) async fn republish_locked(
+        &self,
+        entry: PublishedVolume,
+        token: PodToken,
+        request_id: &str,
+    ) -> Result<WriteOutcome, PublishError> {
+        let volume_id = entry.volume_id.clone();
+        let pod = entry.pod.clone();
+        match self
+            .refresh_locked(
+                entry,
+                Some(token.clone()),
+                TokenUpdate::Set(token),
+                request_id,
+            )
+            .await
+        {
+            Ok(converged) => Ok(converged.write_outcome()),
+            Err(error) if error.is_local() => Err(error),
+            Err(error) => {
+                tracing::error!(
+                    volume_id = %volume_id,
+                    namespace = %pod.namespace,
+                    pod = %pod.name,
+                    request_id = %request_id,
+                    error = %error_chain(&error),
+                    "republish: custody's answer cannot be mounted; the volume keeps its files"
+                );
+                Ok(WriteOutcome::Unchanged)
+            }
+        }
+    }
+
+    /// Re-resolves the volume with `token` (or checks its grant states
+    /// without one) and makes the files match. `hold` says what to do with
+    /// the held token. Needs the per-target lock.
+    pub(super) async fn refresh_locked(
+        &self,
+        entry: PublishedVolume,
+        token: Option<PodToken>,
+        hold: TokenUpdate,
+        request_id: &str,
+    ) -> Result<Converged, PublishError> {
+        // Track the volume (and a fresh token) whatever custody answers: the
+        // expiry timer and the push path need it from now on.
+        self.volumes.upsert(entry.clone(), hold);
+        let Some(token) = token else {
+            return self.check_grant_states_locked(entry).await;
+        };
+        let requested = entry.requested_grants.clone();
+        match self
+            .call_resolve(&entry, &token, &requested, request_id)
+            .await
+        {
+            Ok(response) => {
+                self.apply_response_locked(entry, &response, request_id)
+                    .await
+            }
+            Err(status) => {
+                let error = PublishError::from_custody(&status);
+                if !error.is_refusal() {
+                    tracing::warn!(
+                        volume_id = %entry.volume_id,
+                        namespace = %entry.pod.namespace,
+                        pod = %entry.pod.name,
+                        request_id = %request_id,
+                        error = %error_chain(&error),
+                        "custody did not answer; the volume keeps its files (grants still expire on time)"
+                    );
+                    return Ok(Converged::Kept);
+                }
+                if status.code() == Code::Unauthenticated {
+                    // The pod's token no longer works (pod deleted, token
+                    // expired): wait for the next republish's token.
+                    self.volumes.clear_token(&entry.volume_id);
+                }
+                self.after_refusal_locked(entry, &token, &status, request_id)
+                    .await
+            }
+        }
+    }
+
+    /// Custody refused the pod. A volume that names its grants may still be
+    /// entitled to some of them: it keeps those (re-resolved) and loses the
+    /// rest. Otherwise everything is withdrawn.
+    async fn after_refusal_locked(
+        &self,
+        entry: PublishedVolume,
+        token: &PodToken,
+        status: &Status,
+        request_id: &str,
+    ) -> Result<Converged, PublishError> {
+        if !entry.requested_grants.is_empty()
+            && !entry.agent.is_empty()
+            && status.code() != Code::Unauthenticated
+        {
+            let refs = entry
+                .requested_grants
+                .iter()
+                .map(|grant| GrantRef {
+                    namespace: entry.pod.namespace.clone(),
+                    grant: grant.clone(),
+                    agent: entry.agent.clone(),
+                })
+                .collect();
+            let states = {
+                let _permit = self.custody_permit().await;
+                self.resolver.grant_states(refs).await
+            };
+            if let Ok(states) = states {
+                let active: BTreeSet<String> = states
+                    .into_iter()
+                    .filter(|state| state.active)
+                    .filter_map(|state| state.grant_ref.map(|r| r.grant))
+                    .filter(|grant| entry.requested_grants.contains(grant))
+                    .collect();
+                if !active.is_empty() && active.len() < entry.requested_grants.len() {
+                    let active: Vec<String> = active.into_iter().collect();
+                    if let Ok(response) =
+                        self.call_resolve(&entry, token, &active, request_id).await
+                    {
+                        return self
+                            .apply_response_locked(entry, &response, request_id)
+                            .await;
+                    }
+                }
+            }
+        }
+        self.withdraw_locked(
+            entry,
+            Withdrawal::All(refusal_reason(status)),
+            Some(request_id),
+        )
+        .await
+    }
+
+    async fn call_resolve(
+        &self,
+        entry: &PublishedVolume,
+        token: &PodToken,
+        grants: &[String],
+        request_id: &str,
+    ) -> Result<ResolveResponse, Status> {
+        let request = ResolveRequest {
+            request_id: request_id.to_owned(),
+            pod_token: token.secret_value().to_owned(),
+            pod_namespace: entry.pod.namespace.clone(),
+            pod_name: entry.pod.name.clone(),
+            pod_uid: entry.pod.uid.clone(),
+            service_account_name: entry.pod.service_account_name.clone(),
+            node_name: self.config.node_name.clone(),
+            volume_id: entry.volume_id.clone(),
+            grants: grants.to_vec(),
+            fs_group: entry.fs_group.map(i64::from),
+        };
+        let _permit = self.custody_permit().await;
+        self.resolver.resolve(request).await
+    }
+
+    /// Without a token: withdraws the files of every grant custody reports
+    /// inactive (and only those), and takes over changed expiries. Custody
+    /// unreachable keeps everything (the expiry timer still applies).
+    async fn check_grant_states_locked(
+        &self,
+        entry: PublishedVolume,
+    ) -> Result<Converged, PublishError> {
+        if entry.grants.is_empty() {
+            return Ok(Converged::Unchanged);
+        }
+        let refs = entry
+            .grants
+            .iter()
+            .map(|grant| GrantRef {
+                namespace: entry.pod.namespace.clone(),
+                grant: grant.grant.clone(),
+                agent: entry.agent.clone(),
+            })
+            .collect();
+        let states = {
+            let _permit = self.custody_permit().await;
+            self.resolver.grant_states(refs).await
+        };
+        let states = match states {
+            Ok(states) => states,
+            Err(status) => {
+                tracing::warn!(
+                    volume_id = %entry.volume_id,
+                    namespace = %entry.pod.namespace,
+                    pod = %entry.pod.name,
+                    code = ?status.code(),
+                    message = %shorten(status.message(), 256),
+                    "custody could not report grant states; the volume keeps its files (grants still expire on time)"
+                );
+                return Ok(Converged::Kept);
+            }
+        };
+        let mut next = entry.clone();
+        let mut withdraw = BTreeMap::new();
+        let mut expiry_changed = false;
+        for state in states {
+            let Some(grant_ref) = state.grant_ref else {
+                continue;
+            };
+            if grant_ref.namespace != entry.pod.namespace || grant_ref.agent != entry.agent {
+                continue;
+            }
+            if !state.active {
+                let reason = if state.reason.is_empty() {
+                    "Inactive".to_owned()
+                } else {
+                    shorten(&state.reason, MAX_REASON_BYTES)
+                };
+                withdraw.insert(grant_ref.grant, reason);
+                continue;
+            }
+            // A known expiry is taken over (never dropped: an answer without
+            // one may just mean custody could not evaluate the grant).
+            let expires_at = state.expires_at.as_ref().and_then(timestamp);
+            if let (Some(expires_at), Some(grant)) = (
+                expires_at,
+                next.grants.iter_mut().find(|g| g.grant == grant_ref.grant),
+            ) && grant.expires_at != Some(expires_at)
+            {
+                grant.expires_at = Some(expires_at);
+                expiry_changed = true;
+            }
+        }
+        if !withdraw.is_empty() {
+            return self
+                .withdraw_locked(next, Withdrawal::Grants(withdraw), None)
+                .await;
+        }
+        if expiry_changed {
+            next.updated_at = jiff::Timestamp::now();
+            let registry = self.registry.clone();
+            let record = next.clone();
+            blocking(
+                move || registry.store(&record).map_err(PublishError::Registry),
+                PublishError::Task,
+            )
+            .await?;
+            self.volumes.upsert(next, TokenUpdate::Keep);
+        }
+        Ok(Converged::Unchanged)
+    }
+
+    /// Writes custody's answer into the volume (nothing when unchanged) and
+    /// records and audits what changed.
+    async fn apply_response_locked(
+        &self,
+        entry: PublishedVolume,
+        response: &ResolveResponse,
+        request_id: &str,
+    ) -> Result<Converged, PublishError> {
+        let resolved = build_payload(response, self.config.payload_limit_bytes())?;
+        let mut next = entry.clone();
+        next.agent = response.agent.clone();
+        next.grants = resolved.grants;
+        let record_changed = next.agent != entry.agent || next.grants != entry.grants;
+        if record_changed {
+            next.updated_at = jiff::Timestamp::now();
+        }
+        let written = self
+            .write_locked(&next, resolved.payload, record_changed)
+            .await?;
+        self.volumes.upsert(next.clone(), TokenUpdate::Keep);
+        self.audit_changes(&entry, &next, request_id);
+        if written == WriteOutcome::Written {
+            tracing::info!(
+                volume_id = %next.volume_id,
+                namespace = %next.pod.namespace,
+                pod = %next.pod.name,
+                agent = %next.agent,
+                grants = next.grants.len(),
+                request_id = %request_id,
+                "volume files updated"
+            );
+        }
+        Ok(match written {
+            WriteOutcome::Written => Converged::Written,
+            WriteOutcome::Unchanged => Converged::Unchanged,
+        })
+    }
+
+    /// Removes files from the volume: all of them, or those of some grants
+    /// (the others are read back from the volume and kept as they are).
+    pub(super) async fn withdraw_locked(
+        &self,
+        entry: PublishedVolume,
+        withdrawal: Withdrawal,
+        request_id: Option<&str>,
+    ) -> Result<Converged, PublishError> {
+        let (withdrawn, all): (Vec<(PublishedGrant, String)>, bool) = match &withdrawal {
+            Withdrawal::All(reason) => (
+                entry
+                    .grants
+                    .iter()
+                    .map(|grant| (grant.clone(), reason.clone()))
+                    .collect(),
+                true,
+            ),
+            Withdrawal::Grants(reasons) => (
+                entry
+                    .grants
+                    .iter()
+                    .filter_map(|grant| {
+                        reasons
+                            .get(&grant.grant)
+                            .map(|reason| (grant.clone(), reason.clone()))
+                    })
+                    .collect(),
+                false,
+            ),
+        };
+        if withdrawn.is_empty() && !all {
+            // None of these grants is mounted here.
+            return Ok(Converged::Unchanged);
+        }
+        let mut next = entry.clone();
+        next.grants
+            .retain(|grant| !withdrawn.iter().any(|(w, _)| w.grant == grant.grant));
+        let record_changed = next.grants != entry.grants;
+        if record_changed {
+            next.updated_at = jiff::Timestamp::now();
+        }
+        let drop_files: HashSet<String> = withdrawn
+            .iter()
+            .flat_map(|(grant, _)| grant.files.iter().cloned())
+            .collect();
+        let keep = if all {
+            Keep::Nothing
+        } else {
+            Keep::AllBut(drop_files)
+        };
+        let written = self
+            .write_locked_keeping(&next, keep, record_changed)
+            .await?;
+        self.volumes.upsert(next.clone(), TokenUpdate::Keep);
+        for (grant, reason) in &withdrawn {
+            self.audit(
+                "ContentWithdrawn",
+                Decision::Denied,
+                &next,
+                grant,
+                reason,
+                Some(&grant.content_digest),
+                request_id,
+                format!(
+                    "files {} withdrawn from the running pod; the volume stays mounted",
+                    grant.files.join(",")
+                ),
+            );
+        }
+        if written == WriteOutcome::Written {
+            tracing::info!(
+                volume_id = %next.volume_id,
+                namespace = %next.pod.namespace,
+                pod = %next.pod.name,
+                agent = %next.agent,
+                withdrawn = %withdrawn
+                    .iter()
+                    .map(|(grant, reason)| format!("{}({reason})", grant.grant))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                remaining = next.grants.len(),
+                "volume files withdrawn"
+            );
+        }
+        Ok(match written {
+            WriteOutcome::Written => Converged::Written,
+            WriteOutcome::Unchanged => Converged::Unchanged,
+        })
+    }
+
+    async fn write_locked(
+        &self,
+        record: &PublishedVolume,
+        payload: Payload,
+        store: bool,
+    ) -> Result<WriteOutcome, PublishError> {
+        self.write_locked_keeping(record, Keep::Exactly(payload), store)
+            .await
+    }
+
+    /// Writes the volume's new content through a writable view and, when
+    /// `store`, the registry entry.
+    async fn write_locked_keeping(
+        &self,
+        record: &PublishedVolume,
+        keep: Keep,
+        store: bool,
+    ) -> Result<WriteOutcome, PublishError> {
+        let mounter = self.mounter.clone();
+        let registry = self.registry.clone();
+        let record = record.clone();
+        blocking(
+            move || {
+                let view = mounter
+                    .writable_view(&record.target_path)
+                    .map_err(PublishError::Mount)?;
+                let writer = AtomicWriter::new(view.path()).with_retire_delay(RETIRE_DELAY);
+                let written = match keep {
+                    Keep::Exactly(payload) => writer.write(&payload, record.fs_group),
+                    Keep::Nothing => writer.write(&Payload::new(), record.fs_group),
+                    Keep::AllBut(drop) => writer.read_current().and_then(|mut payload| {
+                        payload.retain(|name, _| !drop.contains(name));
+                        writer.write(&payload, record.fs_group)
+                    }),
+                };
+                view.close().map_err(PublishError::Mount)?;
+                let written = written.map_err(PublishError::Write)?;
+                if store {
+                    registry.store(&record).map_err(PublishError::Registry)?;
+                }
+                Ok(written)
+            },
+            PublishError::Task,
+        )
+        .await
+    }
+
+    /// Audit lines for what a refresh changed: grants that left, grants
+    /// whose content changed. (Custody audits every resolution itself.)
+    fn audit_changes(&self, before: &PublishedVolume, after: &PublishedVolume, request_id: &str) {
+        for old in &before.grants {
+            match after.grants.iter().find(|grant| grant.grant == old.grant) {
+                None => self.audit(
+                    "ContentWithdrawn",
+                    Decision::Denied,
+                    after,
+                    old,
+                    "NoLongerGranted",
+                    Some(&old.content_digest),
+                    Some(request_id),
+                    format!(
+                        "custody no longer resolves this grant for the pod; files {} withdrawn",
+                        old.files.join(",")
+                    ),
+                ),
+                Some(new) if new.content_digest != old.content_digest => self.audit(
+                    "SecretRotated",
+                    Decision::Changed,
+                    after,
+                    new,
+                    "Rotated",
+                    Some(&new.content_digest),
+                    Some(request_id),
+                    format!(
+                        "files {} now hold content digest {} (was {})",
+                        new.files.join(","),
+                        new.content_digest,
+                        old.content_digest
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit(
+        &self,
+        event: &'static str,
+        decision: Decision,
+        volume: &PublishedVolume,
+        grant: &PublishedGrant,
+        reason: &str,
+        content_digest: Option<&str>,
+        request_id: Option<&str>,
+        message: String,
+    ) {
+        let mut record = AuditRecord::new(event, decision, &volume.pod.namespace);
+        record.reason = Some(reason.to_owned());
+        record.agent = (!volume.agent.is_empty()).then(|| volume.agent.clone());
+        record.service_account = Some(volume.pod.service_account_name.clone());
+        record.pod = Some(volume.pod.name.clone());
+        record.pod_uid = Some(volume.pod.uid.clone());
+        record.node = Some(self.config.node_name.clone());
+        record.grant = Some(grant.grant.clone());
+        record.secret = Some(grant.secret.clone());
+        record.keys = if grant.keys.is_empty() {
+            grant.files.clone()
+        } else {
+            grant.keys.clone()
+        };
+        record.content_digest = content_digest
+            .filter(|digest| !digest.is_empty())
+            .map(str::to_owned);
+        record.request_id = request_id.map(str::to_owned);
+        record.message = Some(message);
+        record.emit();
+    }
+}
+
+/// What a write keeps of the volume's files.
+enum Keep {
+    /// Exactly this payload.
+    Exactly(Payload),
+    /// Nothing.
+    Nothing,
+    /// The current files except these names.
+    AllBut(HashSet<String>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_merges_withdrawals_before_a_refresh() {
+        let mut work = Work::withdraw_grants(["a".to_owned()], "Revoked");
+        work.merge(Work::refresh());
+        work.merge(Work::withdraw_grants(
+            ["a".to_owned(), "b".to_owned()],
+            "Expired",
+        ));
+        assert!(work.refreshes());
+        assert_eq!(
+            work.withdraw,
+            BTreeMap::from([
+                ("a".to_owned(), "Revoked".to_owned()),
+                ("b".to_owned(), "Expired".to_owned())
+            ])
+        );
+        assert!(matches!(work.withdrawal(), Some(Withdrawal::Grants(_))));
+        work.merge(Work::withdraw_all("AgentSuspended"));
+        assert!(matches!(work.withdrawal(), Some(Withdrawal::All(r)) if r == "AgentSuspended"));
+        assert!(Work::default().is_empty());
+    }
+
+    #[test]
+    fn queue_runs_one_worker_per_volume_and_merges() {
+        let queue = WorkQueue::default();
+        assert!(queue.add("v1", Work::refresh()));
+        assert!(!queue.add("v1", Work::withdraw_all("Conflict")));
+        assert!(queue.add("v2", Work::refresh()));
+        assert_eq!(queue.busy(), 2);
+        let merged = queue.next("v1");
+        assert_eq!(
+            merged.as_ref().map(|w| (w.refresh, w.withdraw_all.clone())),
+            Some((true, Some("Conflict".to_owned())))
+        );
+        assert!(queue.next("v1").is_none());
+        assert_eq!(queue.busy(), 1);
+        // A new piece of work after the worker ended starts a new one.
+        assert!(queue.add("v1", Work::refresh()));
+    }
+
+    #[test]
+    fn refusal_reasons_come_from_custodys_message_or_the_code() {
+        assert_eq!(
+            refusal_reason(&Status::permission_denied(
+                "AgentSuspended: agent \"bot\" is suspended"
+            )),
+            "AgentSuspended"
+        );
+        assert_eq!(
+            refusal_reason(&Status::unauthenticated("token: expired")),
+            "Unauthenticated"
+        );
+        assert_eq!(
+            refusal_reason(&Status::not_found("no such pod")),
+            "NotFound"
+        );
+    }
+}
+
+#[cfg(test)]
+#[path = "converge_tests.rs"]
+mod node_tests;

@@ -1,0 +1,369 @@
+//! The push path, the republish backstop and the expiry timer against real
+//! tmpfs mounts, with the fake resolver of the Node service tests.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::Status;
+
+use crate::csi::node::tests::{
+    FakeResolver, Fixture, POD_TOKEN, SECRET_A, SECRET_B, TestResult, grant, two_grants,
+    visible_files,
+};
+use crate::csi::push::{self, PushState};
+use crate::csi::volume_context::GRANTS_KEY;
+use crate::proto::scopehold::v1::invalidation::Kind;
+use crate::proto::scopehold::v1::{Invalidation, ResolveResponse};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Polls `check` every 10 ms until it holds.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Waits until no volume has work queued or running (the files change
+/// before the registry is updated and the previous version retired).
+async fn idle(fixture: &Fixture<FakeResolver>) -> Result<(), String> {
+    eventually("the workers to finish", || {
+        fixture.service.busy_volumes() == 0
+    })
+    .await
+}
+
+fn invalidation(kind: Kind, agent: &str, grant: &str, digest: &str) -> Invalidation {
+    Invalidation {
+        kind: kind as i32,
+        namespace: "agents".to_owned(),
+        agent: agent.to_owned(),
+        grant: grant.to_owned(),
+        secret: String::new(),
+        content_digest: digest.to_owned(),
+        occurred_at: None,
+    }
+}
+
+fn names(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|name| (*name).to_owned()).collect()
+}
+
+fn files_are(fixture: &Fixture<FakeResolver>, expected: &[&str]) -> bool {
+    visible_files(&fixture.target()).is_ok_and(|files| files == names(expected))
+}
+
+#[tokio::test]
+async fn a_revocation_push_withdraws_only_that_grant_without_asking_custody() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let request = fixture.request();
+    fixture.service.publish(&request).await?;
+    // Custody is not needed for a withdrawal.
+    fixture.set_answer(Err(Status::unavailable("down")));
+
+    push::apply(
+        &fixture.service,
+        &invalidation(Kind::Revoked, "claude", "supabase-dev", ""),
+    );
+    eventually("api-key withdrawn", || files_are(&fixture, &["gh-token"])).await?;
+    idle(&fixture).await?;
+    assert_eq!(fs::read(fixture.target().join("gh-token"))?, SECRET_B);
+    assert_eq!(fixture.mounts_at(&fixture.target())?, 1);
+    assert_eq!(fixture.resolver.requests().len(), 1, "custody was asked");
+    let entry = fixture
+        .registry()?
+        .load(&request.volume_id)?
+        .ok_or("no entry")?;
+    let held: Vec<&str> = entry.grants.iter().map(|g| g.grant.as_str()).collect();
+    assert_eq!(held, ["github-ro"]);
+
+    // Other agents' and other namespaces' changes leave the volume alone.
+    push::apply(
+        &fixture.service,
+        &invalidation(Kind::Suspended, "someone-else", "", ""),
+    );
+    let mut elsewhere = invalidation(Kind::Suspended, "claude", "", "");
+    elsewhere.namespace = "other".to_owned();
+    push::apply(&fixture.service, &elsewhere);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(files_are(&fixture, &["gh-token"]));
+
+    // The agent suspended: everything goes, the mount stays.
+    push::apply(
+        &fixture.service,
+        &invalidation(Kind::Suspended, "claude", "", ""),
+    );
+    eventually("everything withdrawn", || files_are(&fixture, &[])).await?;
+    assert_eq!(fixture.mounts_at(&fixture.target())?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rotation_and_reinstatement_re_resolve_with_the_held_token() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let request = fixture.request();
+    fixture.service.publish(&request).await?;
+    push::apply(
+        &fixture.service,
+        &invalidation(Kind::Revoked, "claude", "supabase-dev", ""),
+    );
+    eventually("api-key withdrawn", || files_are(&fixture, &["gh-token"])).await?;
+
+    // Reinstated, and the other Secret rotated meanwhile.
+    fixture.set_answer(Ok(ResolveResponse {
+        agent: "claude".to_owned(),
+        grants: vec![
+            grant(
+                "github-ro",
+                "cccccccccccc",
+                &[("gh-token", b"rotated", 0o400)],
+            ),
+            grant(
+                "supabase-dev",
+                "aaaaaaaaaaaa",
+                &[("api-key", SECRET_A, 0o440)],
+            ),
+        ],
+        refresh_after_seconds: 0,
+    }));
+    push::apply(
+        &fixture.service,
+        &invalidation(Kind::Changed, "claude", "supabase-dev", ""),
+    );
+    eventually("both files back", || {
+        files_are(&fixture, &["api-key", "gh-token"])
+            && fs::read(fixture.target().join("gh-token")).is_ok_and(|c| c == b"rotated")
+    })
+    .await?;
+    idle(&fixture).await?;
+    let requests = fixture.resolver.requests();
+    let last = requests.last().ok_or("no request")?;
+    assert_eq!(last.pod_token, POD_TOKEN, "re-resolved with the held token");
+    assert_eq!(last.pod_name, "claude-0");
+    assert_eq!(last.fs_group, Some(4567));
+
+    // A rotation whose digest is already mounted asks nobody.
+    let before = fixture.resolver.requests().len();
+    push::apply(
+        &fixture.service,
+        &invalidation(Kind::Rotated, "claude", "github-ro", "cccccccccccc"),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fixture.resolver.requests().len(), before);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_refusal_on_push_withdraws_everything_and_unavailability_keeps() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let request = fixture.request();
+    fixture.service.publish(&request).await?;
+
+    fixture.set_answer(Err(Status::unavailable("down")));
+    push::apply(
+        &fixture.service,
+        &invalidation(Kind::Changed, "claude", "", ""),
+    );
+    eventually("the re-resolution", || {
+        fixture.resolver.requests().len() == 2
+    })
+    .await?;
+    idle(&fixture).await?;
+    assert!(files_are(&fixture, &["api-key", "gh-token"]));
+
+    fixture.set_answer(Err(Status::unauthenticated(
+        "TokenRejected: the pod no longer exists",
+    )));
+    push::apply(
+        &fixture.service,
+        &invalidation(Kind::Changed, "claude", "", ""),
+    );
+    eventually("everything withdrawn", || files_are(&fixture, &[])).await?;
+    assert_eq!(fixture.mounts_at(&fixture.target())?, 1);
+    // A rejected token is not used again.
+    let (_, token) = fixture
+        .service
+        .volumes()
+        .get(&request.volume_id, jiff::Timestamp::now())
+        .ok_or("untracked")?;
+    assert!(token.is_none());
+
+    // The next republish brings a fresh token and the files back.
+    fixture.set_answer(Ok(two_grants()));
+    fixture.service.publish(&request).await?;
+    assert!(files_are(&fixture, &["api-key", "gh-token"]));
+    let (_, token) = fixture
+        .service
+        .volumes()
+        .get(&request.volume_id, jiff::Timestamp::now())
+        .ok_or("untracked")?;
+    assert!(token.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_a_token_grant_states_withdraw_only_inactive_grants() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let request = fixture.request();
+    fixture.service.publish(&request).await?;
+    // As after a restart: no token until the next republish.
+    fixture.service.volumes().clear_token(&request.volume_id);
+
+    fixture
+        .resolver
+        .set_inactive(Err(Status::unavailable("down")));
+    push::apply(&fixture.service, &invalidation(Kind::Resync, "", "", ""));
+    eventually("the grant states call", || {
+        fixture.resolver.grant_state_calls().len() == 1
+    })
+    .await?;
+    idle(&fixture).await?;
+    assert!(files_are(&fixture, &["api-key", "gh-token"]));
+
+    fixture
+        .resolver
+        .set_inactive(Ok(&[("github-ro", "Revoked")]));
+    push::apply(&fixture.service, &invalidation(Kind::Resync, "", "", ""));
+    eventually("gh-token withdrawn", || files_are(&fixture, &["api-key"])).await?;
+    assert_eq!(fs::read(fixture.target().join("api-key"))?, SECRET_A);
+    assert_eq!(
+        fixture.resolver.requests().len(),
+        1,
+        "no pod token, no Resolve"
+    );
+    let calls = fixture.resolver.grant_state_calls();
+    let refs = calls.last().ok_or("no call")?;
+    assert_eq!(refs.len(), 2);
+    assert!(
+        refs.iter()
+            .all(|r| r.agent == "claude" && r.namespace == "agents")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_volume_naming_its_grants_keeps_the_active_ones_after_a_refusal() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let mut request = fixture.request();
+    request
+        .volume_context
+        .insert(GRANTS_KEY.to_owned(), "github-ro,supabase-dev".to_owned());
+    fixture.service.publish(&request).await?;
+
+    // One named grant was revoked: custody refuses the whole list.
+    fixture.set_answer(Err(Status::permission_denied(
+        "NoActiveGrants: SecretGrant \"supabase-dev\" is Revoked",
+    )));
+    fixture
+        .resolver
+        .set_inactive(Ok(&[("supabase-dev", "Revoked")]));
+    fixture.resolver.set_answer_for(
+        &["github-ro"],
+        Ok(ResolveResponse {
+            agent: "claude".to_owned(),
+            grants: vec![grant(
+                "github-ro",
+                "bbbbbbbbbbbb",
+                &[("gh-token", SECRET_B, 0o400)],
+            )],
+            refresh_after_seconds: 0,
+        }),
+    );
+    let outcome = fixture.service.publish(&request).await?;
+    assert!(!outcome.mounted);
+    assert!(files_are(&fixture, &["gh-token"]));
+    let requests = fixture.resolver.requests();
+    assert_eq!(
+        requests.last().map(|r| r.grants.clone()),
+        Some(vec!["github-ro".to_owned()])
+    );
+    // The volume still asks for both next time.
+    let entry = fixture
+        .registry()?
+        .load(&request.volume_id)?
+        .ok_or("no entry")?;
+    assert_eq!(entry.requested_grants, ["github-ro", "supabase-dev"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn expired_grants_are_withdrawn_locally_on_time() -> TestResult {
+    let now = jiff::Timestamp::now();
+    let expires = now.as_second() + 2;
+    let mut answer = two_grants();
+    for grant in &mut answer.grants {
+        grant.expires_at = (grant.grant == "supabase-dev").then_some(prost_types::Timestamp {
+            seconds: expires,
+            nanos: 0,
+        });
+    }
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(answer)))?;
+    let timer = tokio::spawn(crate::csi::expiry::run(fixture.service.clone()));
+    fixture.service.publish(&fixture.request()).await?;
+    // Custody is gone: the node enforces the expiry on its own.
+    fixture.set_answer(Err(Status::unavailable("down")));
+
+    let result = eventually("api-key withdrawn at expiry", || {
+        files_are(&fixture, &["gh-token"])
+    })
+    .await;
+    let withdrawn_at = jiff::Timestamp::now();
+    timer.abort();
+    result?;
+    assert!(
+        withdrawn_at.as_second() >= expires,
+        "withdrawn before the expiry"
+    );
+    assert!(
+        withdrawn_at.as_millisecond() <= expires * 1000 + 1000,
+        "withdrawn more than a second late"
+    );
+    assert_eq!(fixture.resolver.requests().len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_stream_is_followed_and_reopened_after_it_breaks() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    fixture.service.publish(&fixture.request()).await?;
+    let first = fixture.resolver.add_stream();
+    let state = Arc::new(PushState::default());
+    let task = tokio::spawn(push::run(fixture.service.clone(), state.clone()));
+
+    let result = async {
+        first.send(Ok(invalidation(Kind::Resync, "", "", "")))?;
+        eventually("connected", || state.connected() && state.received() == 1).await?;
+        first.send(Ok(invalidation(
+            Kind::Revoked,
+            "claude",
+            "supabase-dev",
+            "",
+        )))?;
+        eventually("api-key withdrawn", || files_are(&fixture, &["gh-token"])).await?;
+
+        // The stream breaks; the plugin reconnects and follows the new one.
+        let second = fixture.resolver.add_stream();
+        first.send(Err(Status::unavailable("custody restarting")))?;
+        eventually("disconnected", || !state.connected()).await?;
+        // RESYNC re-resolves: (this fake) custody grants both again.
+        second.send(Ok(invalidation(Kind::Resync, "", "", "")))?;
+        eventually("reconnected", || state.connected() && state.received() == 3).await?;
+        eventually("api-key back after RESYNC", || {
+            files_are(&fixture, &["api-key", "gh-token"])
+        })
+        .await?;
+        second.send(Ok(invalidation(Kind::Revoked, "claude", "github-ro", "")))?;
+        eventually("gh-token withdrawn", || files_are(&fixture, &["api-key"])).await?;
+        Ok::<(), Box<dyn std::error::Error>>(())
+    }
+    .await;
+    task.abort();
+    result
+}
