@@ -112,6 +112,10 @@ type SecretKey = (String, String);
 #[derive(Default)]
 pub struct SecretCache {
     entries: RwLock<HashMap<SecretKey, Arc<CachedSecret>>>,
+    /// One fetch per Secret at a time: concurrent misses (a restart
+    /// reconciling thousands of grants over a few Secrets) wait for the first
+    /// fetch instead of each reading the same Secret.
+    fetching: std::sync::Mutex<HashMap<SecretKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +153,14 @@ impl SecretCache {
         namespace: &str,
         name: &str,
     ) -> Result<Option<Arc<CachedSecret>>, SecretCacheError> {
+        if let Some(hit) = self.get(namespace, name) {
+            return Ok(Some(hit));
+        }
+        let gate = match self.fetching.lock() {
+            Ok(mut map) => map.entry(Self::key(namespace, name)).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        let _fetching = gate.lock().await;
         if let Some(hit) = self.get(namespace, name) {
             return Ok(Some(hit));
         }
@@ -197,6 +209,9 @@ impl SecretCache {
 
     pub fn remove(&self, namespace: &str, name: &str) {
         if let Ok(mut map) = self.entries.write() {
+            map.remove(&Self::key(namespace, name));
+        }
+        if let Ok(mut map) = self.fetching.lock() {
             map.remove(&Self::key(namespace, name));
         }
     }

@@ -57,6 +57,9 @@ struct ControllerArgs {
     /// Name of this instance in Events (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// Reconciles in flight at most, per kind.
+    #[arg(long, env = "SCOPEHOLD_CONCURRENCY", default_value_t = 32)]
+    concurrency: u16,
     /// Serve the custody gRPC API on this address (node plugins call it).
     #[arg(long, env = "SCOPEHOLD_CUSTODY_LISTEN")]
     custody_listen: Option<SocketAddr>,
@@ -256,6 +259,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
     let settings = Settings {
         namespace: args.watch_namespace,
         instance: args.instance.clone(),
+        concurrency: args.concurrency,
     };
     let (caches, writers) = scopehold::caches::new();
     if let Some(addr) = args.custody_listen {

@@ -56,6 +56,8 @@ pub fn grant_change(old: Option<&GrantSnapshot>, new: &GrantSnapshot) -> Option<
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdentitySnapshot {
     pub service_account: String,
+    /// Spec changes (maxGrantTTL among them) alter the agent's grants.
+    generation: Option<i64>,
     suspended: bool,
     conflict: bool,
 }
@@ -69,6 +71,7 @@ impl IdentitySnapshot {
             .is_some_and(|c| c.reason == "Conflict");
         IdentitySnapshot {
             service_account: identity.spec.service_account_name.clone(),
+            generation: identity.metadata.generation,
             suspended: identity.spec.suspended,
             conflict,
         }

@@ -65,7 +65,9 @@ pub async fn reconcile(grant: Arc<SecretGrant>, ctx: Arc<Context>) -> Result<Act
     let now = Timestamp::now();
     let evaluation = evaluate_grant(&grant, agent_state, secret_state, now);
 
-    let old = grant.status.clone().unwrap_or_default();
+    let old = ctx
+        .current_status(&grant.metadata, grant.status.clone())
+        .unwrap_or_default();
     let desired = desired_status(&grant, &evaluation, &old, now);
     let written = !controller_fields_equal(&old, &desired);
     if written {
@@ -75,12 +77,14 @@ pub async fn reconcile(grant: Arc<SecretGrant>, ctx: Arc<Context>) -> Result<Act
             "kind": KIND,
             "status": desired,
         });
-        api.patch_status(
-            &grant.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        let updated = api
+            .patch_status(
+                &grant.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        ctx.remember_written(&updated.metadata, &desired);
         for t in transitions(&grant, identity.as_deref(), &old, &evaluation) {
             publish(&ctx.recorder, &grant.object_ref(&()), t).await;
         }

@@ -41,7 +41,9 @@ pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Resul
     let grants = grants_of_agent(&all_grants, &namespace, &name);
     let evaluation = evaluate_identity(&identity, &peers, &grants);
 
-    let old = identity.status.clone().unwrap_or_default();
+    let old = ctx
+        .current_status(&identity.metadata, identity.status.clone())
+        .unwrap_or_default();
     let generation = identity.metadata.generation;
     let desired = AgentIdentityStatus {
         conditions: vec![conditions::ready(
@@ -73,12 +75,14 @@ pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Resul
             "kind": KIND,
             "status": status,
         });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        let updated = api
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        ctx.remember_written(&updated.metadata, &desired);
         let old_reason = find_ready(&old.conditions).map(|c| c.reason.clone());
         if let Some(t) = transition(&identity, old_reason.as_deref(), &evaluation) {
             publish(&ctx.recorder, &identity.object_ref(&()), t).await;

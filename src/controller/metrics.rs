@@ -22,7 +22,6 @@ pub struct Metrics {
     pub reconciles: Family<OutcomeLabels, Counter>,
     pub status_writes: Family<KindLabel, Counter>,
     pub reconcile_seconds: Family<KindLabel, Histogram>,
-    pub events_published: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -33,7 +32,6 @@ impl Metrics {
             reconcile_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 14))
             }),
-            events_published: Family::default(),
         };
         registry.register(
             "scopehold_reconciles",
@@ -49,11 +47,6 @@ impl Metrics {
             "scopehold_reconcile_duration_seconds",
             "Time spent in one reconcile",
             m.reconcile_seconds.clone(),
-        );
-        registry.register(
-            "scopehold_events_published",
-            "Kubernetes Events published",
-            m.events_published.clone(),
         );
         m
     }

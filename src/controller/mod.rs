@@ -45,17 +45,23 @@ pub enum Error {
 }
 
 /// Settings of one controller process.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Settings {
     /// Only this namespace is watched; all namespaces when `None`.
     pub namespace: Option<String>,
     /// Instance name in Events (`reportingInstance`), usually the pod name.
     pub instance: Option<String>,
+    /// Reconciles in flight at most, per kind.
+    pub concurrency: u16,
 }
 
 /// Shared state of the reconcilers.
 pub struct Context {
     pub client: Client,
+    /// The controller fields of the last status this process wrote, per
+    /// object: the store may not show our own write yet when the next
+    /// reconcile comes, and must not make us write (and announce) it twice.
+    pub written: std::sync::Mutex<std::collections::HashMap<String, (u64, serde_json::Value)>>,
     /// Whether this replica holds the lease; followers reconcile nothing.
     pub is_leader: tokio::sync::watch::Receiver<bool>,
     pub caches: Caches,
@@ -64,6 +70,47 @@ pub struct Context {
 }
 
 impl Context {
+    /// The status to compare against: the store's, unless this process wrote
+    /// a newer one that the store has not shown yet (resourceVersions are
+    /// etcd revisions, so a lower one in the store is an older state).
+    pub fn current_status<S: serde::de::DeserializeOwned>(
+        &self,
+        meta: &kube::api::ObjectMeta,
+        stored: Option<S>,
+    ) -> Option<S> {
+        let uid = meta.uid.as_deref()?;
+        let store_rv = meta
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let ours = self.written.lock().ok().and_then(|w| w.get(uid).cloned());
+        match ours {
+            Some((rv, status)) if rv > store_rv => serde_json::from_value(status).ok().or(stored),
+            _ => stored,
+        }
+    }
+
+    /// Remembers a status this process wrote, with the object's new version.
+    pub fn remember_written<S: serde::Serialize>(
+        &self,
+        written: &kube::api::ObjectMeta,
+        status: &S,
+    ) {
+        let (Some(uid), Some(rv)) = (
+            written.uid.as_deref(),
+            written
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok()),
+        ) else {
+            return;
+        };
+        if let (Ok(mut w), Ok(value)) = (self.written.lock(), serde_json::to_value(status)) {
+            w.insert(uid.to_owned(), (rv, value));
+        }
+    }
+
     /// Followers keep their caches warm but write nothing.
     pub fn leads(&self) -> bool {
         *self.is_leader.borrow()
@@ -133,6 +180,7 @@ pub async fn run(
     };
     let ctx = Arc::new(Context {
         client: client.clone(),
+        written: Default::default(),
         is_leader: is_leader.clone(),
         caches: caches.clone(),
         recorder: Recorder::new(client, reporter),
@@ -148,13 +196,19 @@ pub async fn run(
             futures::future::ready(leading.then_some(()))
         })
     };
+    // Bounded: unbounded reconciles opened one connection each (6,199 at a
+    // 5,000-grant start) and timed the API server out (BENCHMARKS.md).
+    let config =
+        || kube::runtime::controller::Config::default().concurrency(settings.concurrency.max(1));
     let grants = Controller::for_stream(grant_stream, caches.grants.clone())
+        .with_config(config())
         .reconcile_on(grant_rx)
         .reconcile_all_on(became_leader())
         .shutdown_on_signal()
         .run(grant::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     let identities = Controller::for_stream(identity_stream, caches.identities.clone())
+        .with_config(config())
         .reconcile_on(identity_rx)
         .reconcile_all_on(became_leader())
         .shutdown_on_signal()

@@ -30,7 +30,7 @@ fn typed_watch<K>(
     wc: watcher::Config,
 ) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static
 where
-    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug + Send + 'static,
+    K: Resource<DynamicType = ()> + DeserializeOwned + Placeholder + Clone + Debug + Send + 'static,
 {
     let ar = ApiResource::erase::<K>(&());
     let api: Api<DynamicObject> = match namespace {
@@ -45,30 +45,58 @@ where
     })
 }
 
+/// An object that can stand for one whose stored form no longer parses, so
+/// that the store forgets it (fail closed) instead of keeping its last good
+/// copy, which custody would otherwise go on honouring.
+pub(super) trait Placeholder {
+    fn placeholder(meta: kube::api::ObjectMeta) -> Self;
+}
+
+impl Placeholder for SecretGrant {
+    fn placeholder(meta: kube::api::ObjectMeta) -> Self {
+        let mut grant = SecretGrant::new("", Default::default());
+        grant.metadata = meta;
+        grant
+    }
+}
+
+impl Placeholder for AgentIdentity {
+    fn placeholder(meta: kube::api::ObjectMeta) -> Self {
+        let mut identity = AgentIdentity::new("", Default::default());
+        identity.metadata = meta;
+        identity
+    }
+}
+
 fn typed_event<K>(event: Event<DynamicObject>) -> Option<Event<K>>
 where
-    K: Resource<DynamicType = ()> + DeserializeOwned,
+    K: Resource<DynamicType = ()> + DeserializeOwned + Placeholder,
 {
+    // Ok(typed), or Err(placeholder) for an object that does not parse.
     let parse = |object: DynamicObject| {
         let (namespace, name) = (object.namespace(), object.name_any());
-        match object.try_parse::<K>() {
-            Ok(typed) => Some(typed),
-            Err(error) => {
-                tracing::warn!(
-                    kind = %K::kind(&()),
-                    namespace = namespace.as_deref().unwrap_or(""),
-                    name,
-                    %error,
-                    "skipping malformed object"
-                );
-                None
-            }
-        }
+        let meta = object.metadata.clone();
+        object.try_parse::<K>().map_err(|error| {
+            tracing::warn!(
+                kind = %K::kind(&()),
+                namespace = namespace.as_deref().unwrap_or(""),
+                name,
+                %error,
+                "skipping malformed object"
+            );
+            K::placeholder(meta)
+        })
     };
     match event {
-        Event::Apply(o) => parse(o).map(Event::Apply),
-        Event::InitApply(o) => parse(o).map(Event::InitApply),
-        Event::Delete(o) => parse(o).map(Event::Delete),
+        Event::Apply(o) => Some(match parse(o) {
+            Ok(k) => Event::Apply(k),
+            Err(placeholder) => Event::Delete(placeholder),
+        }),
+        // During a (re)list an unparseable object is simply left out.
+        Event::InitApply(o) => parse(o).ok().map(Event::InitApply),
+        Event::Delete(o) => Some(Event::Delete(
+            parse(o).unwrap_or_else(|placeholder| placeholder),
+        )),
         Event::Init => Some(Event::Init),
         Event::InitDone => Some(Event::InitDone),
     }
@@ -100,13 +128,14 @@ pub(super) fn grants(
             let Some(ns) = grant.namespace() else { return };
             let key = (ns.clone(), grant.name_any());
             let snapshot = GrantSnapshot::of(grant);
-            let kind = if deleted {
+            let (kind, changed) = if deleted {
                 seen.remove(&key);
-                Some(ChangeKind::Deleted)
+                (Some(ChangeKind::Deleted), true)
             } else {
                 let kind = grant_change(seen.get(&key), &snapshot);
+                let changed = seen.get(&key) != Some(&snapshot);
                 seen.insert(key, snapshot);
-                kind
+                (kind, changed)
             };
             if !live {
                 return;
@@ -120,7 +149,11 @@ pub(super) fn grants(
                     grant.status.as_ref().and_then(|s| s.content_digest.clone());
                 caches.publish(change);
             }
-            let _ = identity_tx.unbounded_send(ObjectRef::new(&grant.spec.agent).within(&ns));
+            // Status-only updates (resolution counts) leave the agent's access
+            // list as it is: only a changed phase, spec or digest wakes it.
+            if changed {
+                let _ = identity_tx.unbounded_send(ObjectRef::new(&grant.spec.agent).within(&ns));
+            }
             if deleted
                 && !secret_is_referenced(&caches.grants.state(), &ns, &grant.spec.secret_name)
             {
@@ -169,8 +202,9 @@ pub(super) fn identities(
                 (seen.remove(&key), Some(ChangeKind::Deleted))
             } else {
                 let kind = identity_change(seen.get(&key), &snapshot);
-                (seen.insert(key, snapshot), kind)
+                (seen.insert(key, snapshot.clone()), kind)
             };
+            let changed = deleted || previous.as_ref() != Some(&snapshot);
             if !live {
                 return;
             }
@@ -205,6 +239,10 @@ pub(super) fn identities(
                     change.agent = Some(agent.clone());
                     caches.publish(change);
                 }
+            }
+            // Identity status writes (access lists) change nothing for grants.
+            if !changed {
+                return;
             }
             for grant in grants_for_agents(&caches.grants.state(), &ns, &agents) {
                 let _ = grant_tx.unbounded_send(grant);
