@@ -153,10 +153,13 @@ mod tests {
     fn identity_transitions() {
         let base = IdentitySnapshot {
             service_account: "sa".into(),
+            generation: Some(1),
             suspended: false,
             conflict: false,
         };
         assert_eq!(identity_change(Some(&base), &base.clone()), None);
+        let capped = IdentitySnapshot { generation: Some(2), ..base.clone() };
+        assert_eq!(identity_change(Some(&base), &capped), Some(ChangeKind::Changed), "a spec edit such as maxGrantTTL");
         let suspended = IdentitySnapshot {
             suspended: true,
             ..base.clone()
