@@ -284,10 +284,68 @@ async fn run_in(paths: &DemoPaths, dir: &Path) -> Result<(), DemoError> {
     let outcome = five_steps(&client, &apiserver.kubeconfig, &kubelet, &controller).await;
     // Clean up the mount even when a step failed.
     let _ = cleanup(&client, &kubelet).await;
+    let outcome = match outcome {
+        Ok(mut sensitive) => {
+            sensitive.push(plugin_token);
+            check_no_leak(&client, &[&controller, &node], &sensitive).await
+        }
+        Err(e) => Err(e),
+    };
     node.stop().await;
     controller.stop().await;
     drop(apiserver);
+    if outcome.is_ok() {
+        say(
+            "Done.",
+            "Everything started for this demo is stopped and removed.",
+        );
+    }
     outcome
+}
+
+/// The promise that values and tokens never reach logs, Events or statuses,
+/// checked on everything this run produced.
+async fn check_no_leak(
+    client: &Client,
+    processes: &[&Process],
+    sensitive: &[String],
+) -> Result<(), DemoError> {
+    say(
+        "Checking.",
+        "No secret value or token in any log line, Event or status of this run.",
+    );
+    let mut everything: String = processes.iter().map(|p| p.logs()).collect();
+    let events = Api::<Event>::namespaced(client.clone(), NS)
+        .list(&Default::default())
+        .await?;
+    let grants = Api::<SecretGrant>::namespaced(client.clone(), NS)
+        .list(&Default::default())
+        .await?;
+    let identities = Api::<AgentIdentity>::namespaced(client.clone(), NS)
+        .list(&Default::default())
+        .await?;
+    for json in [
+        serde_json::to_string(&events.items),
+        serde_json::to_string(&grants.items),
+        serde_json::to_string(&identities.items),
+    ] {
+        everything.push_str(&json.map_err(|e| DemoError::Step(e.to_string()))?);
+    }
+    if let Some(leaked) = sensitive
+        .iter()
+        .position(|v| everything.contains(v.as_str()))
+    {
+        return Err(DemoError::Step(format!(
+            "sensitive string #{leaked} appears in the output of this run"
+        )));
+    }
+    show(&format!(
+        "{} bytes of logs, {} Events and every status checked: none of the {} values and tokens used appears",
+        everything.len(),
+        events.items.len(),
+        sensitive.len()
+    ));
+    Ok(())
 }
 
 async fn cleanup(client: &Client, kubelet: &KubeletPlayer) -> Result<(), DemoError> {
@@ -306,7 +364,7 @@ async fn five_steps(
     kubeconfig: &Path,
     kubelet: &KubeletPlayer,
     controller: &Process,
-) -> Result<(), DemoError> {
+) -> Result<Vec<String>, DemoError> {
     let value = format!(
         "sb-demo-{}",
         digest(format!("{:?}", Instant::now()).as_bytes())
@@ -452,7 +510,8 @@ async fn five_steps(
     .await?;
     show(&format!("audit: {line}"));
 
-    incident(client, kubeconfig, &grants, &file, &value).await
+    let rotated = incident(client, kubeconfig, &grants, &file, &value).await?;
+    Ok(vec![value, rotated, pod_token])
 }
 
 /// Runs `kubectl scopehold ARGS` (this very program) against the demo cluster
@@ -489,7 +548,7 @@ async fn incident(
     grants: &Api<SecretGrant>,
     file: &Path,
     old: &str,
-) -> Result<(), DemoError> {
+) -> Result<String, DemoError> {
     say(
         "Incident.",
         "The key was pasted into a chat. Who received it, and when?",
@@ -542,9 +601,5 @@ async fn incident(
         "supabase-key was withdrawn {:?} after the revocation; the volume stays mounted",
         started.elapsed()
     ));
-    say(
-        "Done.",
-        "Everything started for this demo is stopped and removed.",
-    );
-    Ok(())
+    Ok(new)
 }
