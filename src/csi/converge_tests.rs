@@ -160,6 +160,45 @@ async fn rotation_and_reinstatement_re_resolve_with_the_held_token() -> TestResu
     Ok(())
 }
 
+/// A revocation that arrives while a refresh is in flight (custody
+/// answered before the change) still wins: the withdrawal is queued behind
+/// the refresh even though the grant is not mounted yet.
+#[tokio::test]
+async fn a_revocation_during_a_refresh_is_applied_after_it() -> TestResult {
+    let only_github = ResolveResponse {
+        agent: "claude".to_owned(),
+        grants: vec![grant(
+            "github-ro",
+            "bbbbbbbbbbbb",
+            &[("gh-token", SECRET_B, 0o400)],
+        )],
+        refresh_after_seconds: 0,
+    };
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(only_github)))?;
+    fixture.service.publish(&fixture.request()).await?;
+    assert!(files_are(&fixture, &["gh-token"]));
+
+    // The grant is granted; the re-resolution takes a while...
+    fixture.set_answer(Ok(two_grants()));
+    fixture.resolver.set_delay(Duration::from_millis(300));
+    push::apply(
+        &fixture.service,
+        &invalidation(Kind::Changed, "claude", "supabase-dev", ""),
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // ...and it is revoked before the answer is written.
+    push::apply(
+        &fixture.service,
+        &invalidation(Kind::Revoked, "claude", "supabase-dev", ""),
+    );
+    idle(&fixture).await?;
+    assert!(
+        files_are(&fixture, &["gh-token"]),
+        "the revoked file stayed"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_refusal_on_push_withdraws_everything_and_unavailability_keeps() -> TestResult {
     let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;

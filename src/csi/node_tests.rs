@@ -51,6 +51,8 @@ pub(crate) struct FakeResolver {
     /// Streams handed out by watch_invalidations, one per call; when none is
     /// left the call fails with UNAVAILABLE.
     streams: Mutex<Vec<tokio::sync::mpsc::UnboundedReceiver<Result<Invalidation, Status>>>>,
+    /// How long each Resolve takes.
+    delay: Mutex<std::time::Duration>,
     reachable: bool,
 }
 
@@ -63,7 +65,14 @@ impl FakeResolver {
             inactive: Mutex::new(Ok(HashMap::new())),
             grant_state_calls: Mutex::new(Vec::new()),
             streams: Mutex::new(Vec::new()),
+            delay: Mutex::new(std::time::Duration::ZERO),
             reachable: true,
+        }
+    }
+
+    pub(crate) fn set_delay(&self, delay: std::time::Duration) {
+        if let Ok(mut current) = self.delay.lock() {
+            *current = delay;
         }
     }
 
@@ -116,6 +125,10 @@ impl FakeResolver {
 
 impl Resolver for FakeResolver {
     async fn resolve(&self, request: ResolveRequest) -> Result<ResolveResponse, Status> {
+        let delay = self.delay.lock().map(|d| *d).unwrap_or_default();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let specific = self
             .answer_for
             .lock()

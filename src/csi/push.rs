@@ -200,9 +200,12 @@ pub fn plan(invalidation: &Invalidation, volume: &PublishedVolume) -> Option<Wor
     }
     let held = volume.grants.iter().find(|g| g.grant == grant);
     match kind {
+        // Queued even when the grant is not mounted here right now: a
+        // refresh in progress may be about to mount it (custody answered it
+        // before the change), and the queue runs this after that refresh.
+        // When it runs, a grant that is not mounted costs nothing.
         Kind::Revoked | Kind::Expired | Kind::Deleted if !grant.is_empty() => {
-            // Only a grant that is mounted here has files to withdraw.
-            held.map(|_| Work::withdraw_grants([grant.to_owned()], reason(kind)))
+            Some(Work::withdraw_grants([grant.to_owned()], reason(kind)))
         }
         // The agent itself was deleted, suspended or is in conflict.
         Kind::Revoked | Kind::Expired | Kind::Deleted | Kind::Suspended | Kind::Conflict => {
@@ -306,8 +309,12 @@ mod tests {
             plan(&inv(Kind::Expired, "team", "bot", "h", ""), &v),
             Some(Work::withdraw_grants(["h".to_owned()], "Expired"))
         );
-        // Not mounted here: nothing to withdraw.
-        assert_eq!(plan(&inv(Kind::Deleted, "team", "bot", "x", ""), &v), None);
+        // Not mounted here (yet): queued all the same, a no-op unless a
+        // refresh in flight mounts it first.
+        assert_eq!(
+            plan(&inv(Kind::Deleted, "team", "bot", "x", ""), &v),
+            Some(Work::withdraw_grants(["x".to_owned()], "Deleted"))
+        );
         // The agent deleted, suspended, in conflict: everything goes.
         assert_eq!(
             plan(&inv(Kind::Deleted, "team", "bot", "", ""), &v),
