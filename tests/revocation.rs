@@ -24,6 +24,7 @@ use common::{
 };
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use scopehold::api::{
@@ -389,6 +390,28 @@ impl Stack {
         (pod, target)
     }
 
+    /// The Event `reason` regarding SecretGrant `grant` and related to pod
+    /// `pod`, waiting for it.
+    async fn event(&self, reason: &str, grant: &str, pod: &str) -> Event {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
+        wait_for_desc(&format!("{reason} Event for {grant}"), WAIT, async || {
+            events
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().and_then(|r| r.kind.as_deref())
+                            == Some("SecretGrant")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(grant)
+                        && e.related.as_ref().and_then(|r| r.name.as_deref()) == Some(pod)
+                })
+        })
+        .await
+    }
+
     /// The stack's secret values, to check no output leaks them.
     fn values(&self, agents: &[&str]) -> Vec<String> {
         agents
@@ -522,6 +545,12 @@ async fn revoking_a_grant_withdraws_only_its_files_and_reinstating_brings_them_b
     })
     .await;
     assert_withdrawn_audit(&s, &pod, "bot-a", "Revoked");
+    // And a Kubernetes Event regarding the grant, related to the pod, which
+    // custody records from the plugin's report.
+    let event = s.event("ContentWithdrawn", "bot-a", "bot-pod").await;
+    let note = event.note.unwrap_or_default();
+    assert!(note.contains(&s.node) && note.contains("Revoked"), "{note}");
+    assert_eq!(event.action.as_deref(), Some("Withdraw"));
 
     // Un-revoked: the file reappears on push (re-resolved with the pod's
     // token from its last NodePublishVolume, which the plugin holds).
@@ -534,8 +563,10 @@ async fn revoking_a_grant_withdraws_only_its_files_and_reinstating_brings_them_b
     assert!(took < DEADLINE, "reinstatement took {took:?}");
     assert_eq!(listing(&target), ["a", "b"]);
 
-    // Nothing secret in the plugin's output.
-    let logs = s.plugin().logs();
+    // Nothing secret in the plugin's output or the Events.
+    let events: Api<Event> = Api::namespaced(s.client.clone(), &s.ns);
+    let logs = s.plugin().logs()
+        + &serde_json::to_string(&events.list(&Default::default()).await.unwrap().items).unwrap();
     for secret in s.values(&["bot"]).iter().chain([&pod.token]) {
         assert!(
             !logs.contains(secret.as_str()),
@@ -749,6 +780,8 @@ async fn rotations_reach_the_mount_and_readers_only_ever_see_whole_values() {
         std::fs::read_to_string(target.join("b")).unwrap(),
         "steady-value"
     );
+    let event = s.event("SecretRotated", "bot-a", "bot-pod").await;
+    assert_eq!(event.action.as_deref(), Some("Rotate"));
     // One audit line per rotation (written just after the swap).
     wait_for_desc("100 SecretRotated audit lines", WAIT, async || {
         (s.plugin()

@@ -22,7 +22,9 @@
 //!   those.
 //!
 //! Every grant whose files leave a volume gets a `ContentWithdrawn` audit
-//! line, every grant whose content changed a `SecretRotated` one. Work for a
+//! line, every grant whose content changed a `SecretRotated` one; both are
+//! also reported to custody, which records them as Kubernetes Events
+//! ([`super::reports`]). Work for a
 //! volume is queued per volume ([`WorkQueue`]): what arrives while the
 //! volume is busy is merged and done next, so a burst of invalidations costs
 //! one pass per volume.
@@ -42,7 +44,7 @@ use super::resolver::Resolver;
 use super::volume_context::PodToken;
 use super::volumes::TokenUpdate;
 use crate::audit::{AuditRecord, Decision};
-use crate::proto::scopehold::v1::{GrantRef, ResolveRequest, ResolveResponse};
+use crate::proto::scopehold::v1::{GrantRef, NodeReport, ResolveRequest, ResolveResponse};
 
 /// Custody's refusal reasons are shortened to this length in audit lines.
 const MAX_REASON_BYTES: usize = 64;
@@ -774,6 +776,19 @@ impl<R: Resolver> NodeService<R> {
         record.request_id = request_id.map(str::to_owned);
         record.message = Some(message);
         record.emit();
+        // And as a Kubernetes Event, through custody.
+        self.reports.send(NodeReport {
+            event: event.to_owned(),
+            reason: reason.to_owned(),
+            namespace: record.namespace,
+            agent: record.agent.unwrap_or_default(),
+            grant: grant.grant.clone(),
+            secret: grant.secret.clone(),
+            pod_name: volume.pod.name.clone(),
+            pod_uid: volume.pod.uid.clone(),
+            keys: record.keys,
+            content_digest: record.content_digest.unwrap_or_default(),
+        });
     }
 }
 

@@ -15,6 +15,8 @@
 //!   (republish, push, expiry), with per-volume work queues.
 //! - [`push`]: the invalidation stream from custody.
 //! - [`expiry`]: the local timer that withdraws expired grants.
+//! - [`reports`]: what the plugin changed in running pods, sent to custody
+//!   to become Kubernetes Events.
 //! - [`controller`]: ControllerGetCapabilities only (for csi-sanity).
 //! - [`server`]: the unix socket and the wiring of `scopehold node`.
 //!
@@ -32,6 +34,7 @@ pub mod mounter;
 pub mod node;
 pub mod push;
 pub mod registry;
+pub mod reports;
 pub mod resolver;
 pub mod server;
 pub mod target_path;

@@ -44,6 +44,7 @@ use super::mounter::{MountError, Mounter, TmpfsOptions, UnmountMode};
 use super::registry::{
     PodRef, PublishedGrant, PublishedVolume, REGISTRY_FORMAT_VERSION, Registry, RegistryError,
 };
+use super::reports::ReportSink;
 use super::resolver::Resolver;
 use super::target_path::{TargetPath, TargetPathError, TargetPathPolicy};
 use super::volume_context::{PublishAttributes, VolumeContextError, parse_publish_attributes};
@@ -105,6 +106,7 @@ pub struct NodeService<R> {
     pub(super) volumes: VolumeTable,
     pub(super) work: WorkQueue,
     pub(super) custody_permits: Arc<tokio::sync::Semaphore>,
+    pub(super) reports: ReportSink,
 }
 
 impl<R> Clone for NodeService<R> {
@@ -118,6 +120,7 @@ impl<R> Clone for NodeService<R> {
             volumes: self.volumes.clone(),
             work: self.work.clone(),
             custody_permits: self.custody_permits.clone(),
+            reports: self.reports.clone(),
         }
     }
 }
@@ -654,7 +657,15 @@ impl<R: Resolver> NodeService<R> {
             volumes: VolumeTable::new(),
             work: WorkQueue::default(),
             custody_permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CUSTODY_CALLS)),
+            reports: ReportSink::default(),
         }
+    }
+
+    /// Sends what the plugin changes in running pods to `reports` (custody
+    /// turns them into Events); without it they are only audit lines.
+    pub fn with_reports(mut self, reports: ReportSink) -> Self {
+        self.reports = reports;
+        self
     }
 
     pub fn config(&self) -> &NodeConfig {

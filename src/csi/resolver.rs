@@ -27,8 +27,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::proto::scopehold::v1::custody_client::CustodyClient;
 use crate::proto::scopehold::v1::{
-    GrantRef, GrantState, GrantStatesRequest, Invalidation, ResolveRequest, ResolveResponse,
-    WatchRequest,
+    GrantRef, GrantState, GrantStatesRequest, Invalidation, NodeReport, ReportRequest,
+    ResolveRequest, ResolveResponse, WatchRequest,
 };
 
 /// How long one connection attempt to custody may take.
@@ -90,6 +90,15 @@ pub trait Resolver: Send + Sync + 'static {
         async move {
             let _ = grants;
             Err(Status::unimplemented("this resolver has no GrantStates"))
+        }
+    }
+
+    /// Calls custody's `Report` (best effort: custody turns the reports
+    /// into Kubernetes Events). The default drops them.
+    fn report(&self, reports: Vec<NodeReport>) -> impl Future<Output = Result<(), Status>> + Send {
+        async move {
+            let _ = reports;
+            Ok(())
         }
     }
 }
@@ -289,6 +298,12 @@ impl Resolver for CustodyResolver {
             .await
             .map(|response| response.into_inner().grants)
     }
+
+    async fn report(&self, reports: Vec<NodeReport>) -> Result<(), Status> {
+        let request = self.authorized(ReportRequest { reports }).await?;
+        let mut client = self.client.clone();
+        client.report(request).await.map(|_| ())
+    }
 }
 
 /// Reads and trims the token file. Errors name the file, never its content.
@@ -325,7 +340,7 @@ mod tests {
     use super::*;
     use crate::proto::scopehold::v1::custody_server::{Custody, CustodyServer};
     use crate::proto::scopehold::v1::{
-        GrantStatesRequest, GrantStatesResponse, Invalidation, WatchRequest,
+        GrantStatesRequest, GrantStatesResponse, Invalidation, ReportResponse, WatchRequest,
     };
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -377,6 +392,13 @@ mod tests {
             &self,
             _request: tonic::Request<GrantStatesRequest>,
         ) -> Result<tonic::Response<GrantStatesResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn report(
+            &self,
+            _request: tonic::Request<ReportRequest>,
+        ) -> Result<tonic::Response<ReportResponse>, Status> {
             Err(Status::unimplemented("not in this test"))
         }
     }

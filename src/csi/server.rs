@@ -17,6 +17,7 @@ use super::mounter::Mounter;
 use super::node::{NodeConfig, NodeService, new_request_id};
 use super::push::PushState;
 use super::registry::{Registry, RegistryError};
+use super::reports::ReportSink;
 use super::resolver::{CustodyClientConfig, CustodyClientError, CustodyResolver};
 use super::target_path::{TargetPathError, TargetPathPolicy};
 use super::volumes::TokenUpdate;
@@ -227,6 +228,7 @@ pub async fn run(
         tracing::warn!(error = %problem, "skipping an unreadable registry entry");
     }
     let mounter = Mounter::new(&settings.scratch_dir);
+    let (reports, report_queue) = ReportSink::channel();
 
     let node = NodeService::new(
         NodeConfig {
@@ -237,7 +239,8 @@ pub async fn run(
         resolver.clone(),
         mounter.clone(),
         registry,
-    );
+    )
+    .with_reports(reports);
     // Enforcement resumes where it stopped: the volumes that are still
     // mounted are tracked again (without tokens until their next republish;
     // the stream's first RESYNC checks their grants with GrantStates), and
@@ -269,6 +272,7 @@ pub async fn run(
     let push_state = Arc::new(PushState::default());
     let push = tokio::spawn(super::push::run(node.clone(), push_state.clone()));
     let expiry = tokio::spawn(super::expiry::run(node.clone()));
+    let reporter = tokio::spawn(super::reports::run(resolver.clone(), report_queue));
     let identity = IdentityService::new(resolver).with_push_state(push_state);
 
     let listener = bind_socket(&socket).map_err(|source| NodePluginError::Socket {
@@ -297,6 +301,7 @@ pub async fn run(
         .await;
     push.abort();
     expiry.abort();
+    reporter.abort();
     if let Err(error) = fs::remove_file(&socket)
         && error.kind() != io::ErrorKind::NotFound
     {

@@ -363,12 +363,24 @@ impl CustodyService {
         regarding: ObjectReference,
         related: ObjectReference,
     ) {
+        self.publish_event_as("Resolve", reason, type_, note, regarding, related);
+    }
+
+    fn publish_event_as(
+        &self,
+        action: &str,
+        reason: &str,
+        type_: EventType,
+        note: String,
+        regarding: ObjectReference,
+        related: ObjectReference,
+    ) {
         let recorder = self.recorder.clone();
         let event = Event {
             type_,
             reason: reason.to_owned(),
             note: Some(note.chars().take(1000).collect()),
-            action: "Resolve".to_owned(),
+            action: action.to_owned(),
             secondary: Some(related),
         };
         tokio::spawn(async move {
@@ -493,6 +505,113 @@ impl pb::custody_server::Custody for CustodyService {
         let grants = invalidations::grant_states(&self.caches, &self.client, refs).await;
         Ok(Response::new(pb::GrantStatesResponse { grants }))
     }
+
+    async fn report(
+        &self,
+        request: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let node = self.authenticate_caller(&request).await?;
+        let reports = request.into_inner().reports;
+        if reports.len() > MAX_REPORTS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_REPORTS} reports per call"
+            )));
+        }
+        let accepted = self.publish_reports(&node, &reports);
+        Ok(Response::new(pb::ReportResponse { accepted }))
+    }
+}
+
+/// Most reports accepted in one Report call.
+const MAX_REPORTS: usize = 256;
+/// Longest name, reason or digest accepted in a report.
+const MAX_REPORT_FIELD: usize = 253;
+
+/// A report the node plugin may send, checked: known event, bounded
+/// fields. Names are not otherwise trusted: the Event says which node
+/// reported it (from the verified token).
+fn checked_report(report: &pb::NodeReport) -> Option<&'static str> {
+    let event = match report.event.as_str() {
+        "ContentWithdrawn" => "ContentWithdrawn",
+        "SecretRotated" => "SecretRotated",
+        _ => return None,
+    };
+    let fields = [
+        &report.reason,
+        &report.namespace,
+        &report.agent,
+        &report.grant,
+        &report.secret,
+        &report.pod_name,
+        &report.pod_uid,
+        &report.content_digest,
+    ];
+    let bounded = fields.iter().all(|f| f.len() <= MAX_REPORT_FIELD)
+        && report.keys.len() <= 64
+        && report.keys.iter().all(|k| k.len() <= MAX_REPORT_FIELD);
+    let named =
+        !report.namespace.is_empty() && !report.grant.is_empty() && !report.pod_name.is_empty();
+    (bounded && named).then_some(event)
+}
+
+impl CustodyService {
+    /// Turns node-plugin reports into Events regarding the grant, related to
+    /// the pod.
+    fn publish_reports(&self, node: &str, reports: &[pb::NodeReport]) -> u32 {
+        let mut accepted = 0;
+        for report in reports {
+            let Some(event) = checked_report(report) else {
+                continue;
+            };
+            let regarding = self
+                .caches
+                .grants
+                .get(
+                    &kube::runtime::reflector::ObjectRef::new(&report.grant)
+                        .within(&report.namespace),
+                )
+                .map(|grant| grant.object_ref(&()))
+                .unwrap_or_else(|| ObjectReference {
+                    api_version: Some("scopehold.dev/v1alpha1".into()),
+                    kind: Some("SecretGrant".into()),
+                    namespace: Some(report.namespace.clone()),
+                    name: Some(report.grant.clone()),
+                    ..Default::default()
+                });
+            let related = ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                namespace: Some(report.namespace.clone()),
+                name: Some(report.pod_name.clone()),
+                uid: (!report.pod_uid.is_empty()).then(|| report.pod_uid.clone()),
+                ..Default::default()
+            };
+            let keys = report.keys.join(",");
+            let digest = if report.content_digest.is_empty() {
+                "-"
+            } else {
+                report.content_digest.as_str()
+            };
+            let note = match event {
+                "ContentWithdrawn" => format!(
+                    "node {node} withdrew keys {keys} of Secret {} (digest {digest}) from running pod {} ({})",
+                    report.secret, report.pod_name, report.reason
+                ),
+                _ => format!(
+                    "node {node} replaced keys {keys} of Secret {} in running pod {} (new digest {digest})",
+                    report.secret, report.pod_name
+                ),
+            };
+            let action = if event == "ContentWithdrawn" {
+                "Withdraw"
+            } else {
+                "Rotate"
+            };
+            self.publish_event_as(action, event, EventType::Normal, note, regarding, related);
+            accepted += 1;
+        }
+        accepted
+    }
 }
 
 fn denial_status(denial: &Denial) -> Status {
@@ -500,5 +619,47 @@ fn denial_status(denial: &Denial) -> Status {
     match denial.reason {
         DenyReason::TokenRejected => Status::unauthenticated(message),
         _ => Status::permission_denied(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(event: &str) -> pb::NodeReport {
+        pb::NodeReport {
+            event: event.into(),
+            reason: "Revoked".into(),
+            namespace: "team".into(),
+            agent: "bot".into(),
+            grant: "g".into(),
+            secret: "s".into(),
+            pod_name: "p".into(),
+            pod_uid: "u".into(),
+            keys: vec!["k".into()],
+            content_digest: "0123456789ab".into(),
+        }
+    }
+
+    #[test]
+    fn only_known_bounded_and_named_reports_are_accepted() {
+        assert_eq!(
+            checked_report(&report("ContentWithdrawn")),
+            Some("ContentWithdrawn")
+        );
+        assert_eq!(
+            checked_report(&report("SecretRotated")),
+            Some("SecretRotated")
+        );
+        assert_eq!(checked_report(&report("SecretResolved")), None);
+        let mut unnamed = report("ContentWithdrawn");
+        unnamed.grant.clear();
+        assert_eq!(checked_report(&unnamed), None);
+        let mut long = report("ContentWithdrawn");
+        long.reason = "x".repeat(300);
+        assert_eq!(checked_report(&long), None);
+        let mut many = report("ContentWithdrawn");
+        many.keys = vec!["k".into(); 65];
+        assert_eq!(checked_report(&many), None);
     }
 }
