@@ -92,4 +92,13 @@ export SCOPEHOLD_APISERVER_BIN
 log "using $SCOPEHOLD_APISERVER_BIN"
 
 log "${TEST_CMD[*]}"
-"${TEST_CMD[@]}"
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+set +e
+"${TEST_CMD[@]}" 2>&1 | tee "$results"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary (cargo prints one per binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$results"
+exit "$status"
