@@ -371,7 +371,9 @@ async fn serve_custody(
         args.node_service_account.clone(),
         resolutions,
     );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // TCP_NODELAY: without it Nagle's algorithm held ~1.4% of Resolve replies
+    // for ~40 ms (BENCHMARKS.md, NodePublishVolume end to end).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tokio::spawn(async move {
         // Keepalives find dead node-plugin streams (a node that vanished).
         let mut builder = tonic::transport::Server::builder();
