@@ -15,9 +15,13 @@
 //! new one, never a mix. A reader that resolved `..data` just before the
 //! swap still walks into the old directory; kubelet's writer removes that
 //! directory at once, so such a reader can see `NotFound` for an instant.
-//! [`AtomicWriter::with_retire_delay`] keeps the old directory for a short
-//! grace period after the swap, so that the user-visible path always
-//! resolves to a whole file.
+//! With a shared [`Retiring`] set ([`AtomicWriter::with_retiring`]), a
+//! rewrite that keeps every file (a rotation) leaves the old directory in
+//! place and names it to the caller, who removes it with
+//! [`AtomicWriter::retire`] after a short grace period: the user-visible
+//! path then always resolves to a whole file. A rewrite that removes files
+//! (a withdrawal) removes the old directory at once, so withdrawn content
+//! never lingers.
 //!
 //! Names starting with `..` are reserved for the writer. The writer never
 //! follows a symlink out of its directory: `..data` must point at one of its
@@ -34,6 +38,11 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// Version directories of one volume that are no longer current but still
+/// within their grace period; shared by every writer of that volume.
+pub type Retiring = Arc<Mutex<BTreeSet<String>>>;
 
 /// The symlink that names the current version's directory.
 const DATA_LINK: &str = "..data";
@@ -184,7 +193,7 @@ fn name_for_message(name: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct AtomicWriter {
     dir: PathBuf,
-    retire_delay: std::time::Duration,
+    retiring: Option<Retiring>,
 }
 
 impl AtomicWriter {
@@ -192,19 +201,44 @@ impl AtomicWriter {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
-            retire_delay: std::time::Duration::ZERO,
+            retiring: None,
         }
     }
 
-    /// Waits `delay` between publishing a new version and removing the
-    /// previous one (the calling thread sleeps). A reader that resolved
-    /// `..data` just before the swap finishes its path walk in microseconds;
-    /// a grace period of a few dozen milliseconds makes a `NotFound` in that
-    /// window practically impossible, while the old content stays reachable
-    /// (by its hidden directory name only) for no longer than the delay.
-    pub fn with_retire_delay(mut self, delay: std::time::Duration) -> Self {
-        self.retire_delay = delay;
+    /// Keeps a replaced version whose files all survive (see the module
+    /// comment) and records it in `retiring` until [`retire`](Self::retire).
+    /// Versions in `retiring` are never removed by a write.
+    pub fn with_retiring(mut self, retiring: Retiring) -> Self {
+        self.retiring = Some(retiring);
         self
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Removes a version that [`write_graced`](Self::write_graced) left in
+    /// place (unless it became current again, which a write never does).
+    pub fn retire(&self, version: &str) -> Result<(), AtomicWriteError> {
+        let result = if is_version_dir_name(version)
+            && self.current_version_dir()?.as_deref() != Some(version)
+        {
+            match fs::remove_dir_all(self.dir.join(version)) {
+                Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                    Err(io_error("remove", &self.dir.join(version))(error))
+                }
+                _ => Ok(()),
+            }
+        } else {
+            Ok(())
+        };
+        if let Some(retiring) = &self.retiring {
+            retiring
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(version);
+        }
+        result
     }
 
     /// The files of the current version: name → content and permission
@@ -245,10 +279,6 @@ impl AtomicWriter {
         Ok(payload)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Makes the directory hold exactly `payload`: files with the given modes,
     /// owned by group `group` (the process's effective group when `None`).
     /// Files not in the payload disappear; an empty payload withdraws
@@ -259,6 +289,21 @@ impl AtomicWriter {
         payload: &Payload,
         group: Option<u32>,
     ) -> Result<WriteOutcome, AtomicWriteError> {
+        let (outcome, kept) = self.write_graced(payload, group)?;
+        if let Some(version) = kept {
+            self.retire(&version)?;
+        }
+        Ok(outcome)
+    }
+
+    /// [`write`](Self::write), except that with a [`Retiring`] set a replaced
+    /// version whose files all survive is left in place and returned: the
+    /// caller retires it after a grace period.
+    pub fn write_graced(
+        &self,
+        payload: &Payload,
+        group: Option<u32>,
+    ) -> Result<(WriteOutcome, Option<String>), AtomicWriteError> {
         validate_payload(payload)?;
         let group = group.unwrap_or_else(|| nix::unistd::getegid().as_raw());
 
@@ -276,6 +321,16 @@ impl AtomicWriter {
             None => false,
         };
 
+        // A replaced version is kept for a grace period only when every file
+        // it holds survives: then a reader racing the swap must still find
+        // its file. Files that leave must leave at once.
+        let keep_replaced = match (&self.retiring, &current_version, unchanged) {
+            (Some(_), Some(version), false) => {
+                let names = self.version_names(version)?;
+                !names.is_empty() && names.iter().all(|name| payload.contains_key(name))
+            }
+            _ => false,
+        };
         let outcome = if unchanged {
             WriteOutcome::Unchanged
         } else {
@@ -293,15 +348,34 @@ impl AtomicWriter {
         };
 
         self.sync_user_visible_links(payload)?;
-        if outcome == WriteOutcome::Written
-            && current_version.is_some()
-            && !self.retire_delay.is_zero()
-        {
-            std::thread::sleep(self.retire_delay);
-        }
+        let kept = match (&self.retiring, current_version) {
+            (Some(retiring), Some(version))
+                if keep_replaced && outcome == WriteOutcome::Written =>
+            {
+                retiring
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(version.clone());
+                Some(version)
+            }
+            _ => None,
+        };
         self.remove_stale_versions()?;
         sync_dir(&self.dir)?;
-        Ok(outcome)
+        Ok((outcome, kept))
+    }
+
+    /// The file names in a version directory.
+    fn version_names(&self, version: &str) -> Result<BTreeSet<String>, AtomicWriteError> {
+        let version_path = self.dir.join(version);
+        let mut names = BTreeSet::new();
+        for entry in fs::read_dir(&version_path).map_err(io_error("list", &version_path))? {
+            let entry = entry.map_err(io_error("list", &version_path))?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.insert(name.to_owned());
+            }
+        }
+        Ok(names)
     }
 
     /// The name of the version directory `..data` points to, if any. Refuses a
@@ -507,16 +581,30 @@ impl AtomicWriter {
     }
 
     /// Removes every version directory `..data` does not point to (the
-    /// previous version, and leftovers of an interrupted write).
+    /// previous version, and leftovers of an interrupted write), except
+    /// those still within their grace period.
     fn remove_stale_versions(&self) -> Result<(), AtomicWriteError> {
         let current = self.current_version_dir()?;
+        let spared: BTreeSet<String> = self
+            .retiring
+            .as_ref()
+            .map(|retiring| {
+                retiring
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone()
+            })
+            .unwrap_or_default();
         for entry in fs::read_dir(&self.dir).map_err(io_error("list", &self.dir))? {
             let entry = entry.map_err(io_error("list", &self.dir))?;
             let file_name = entry.file_name();
             let Some(name) = file_name.to_str() else {
                 continue;
             };
-            if !is_version_dir_name(name) || current.as_deref() == Some(name) {
+            if !is_version_dir_name(name)
+                || current.as_deref() == Some(name)
+                || spared.contains(name)
+            {
                 continue;
             }
             let path = entry.path();
@@ -1024,13 +1112,13 @@ mod tests {
         Ok(())
     }
 
-    /// With a retire delay the user-visible path always resolves: a reader
+    /// With a grace period the user-visible path always resolves: a reader
     /// never sees `NotFound`, only whole versions.
     #[test]
-    fn with_a_retire_delay_a_reader_never_misses_the_file() -> TestResult {
+    fn with_a_grace_period_a_reader_never_misses_the_file() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let writer =
-            AtomicWriter::new(dir.path()).with_retire_delay(std::time::Duration::from_millis(20));
+        let retiring = Retiring::default();
+        let writer = AtomicWriter::new(dir.path()).with_retiring(retiring.clone());
         let version = |n: usize| -> Payload {
             [(
                 "key".to_owned(),
@@ -1056,13 +1144,47 @@ mod tests {
             })
         };
         for n in 1..=50 {
-            writer.write(&version(n), None)?;
+            let (outcome, kept) = writer.write_graced(&version(n), None)?;
+            assert_eq!(outcome, WriteOutcome::Written);
+            let kept = kept.ok_or("a rotation keeps the replaced version")?;
+            // The old version is still there, and a later write spares it.
+            assert!(dir.path().join(&kept).is_dir());
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            writer.retire(&kept)?;
+            assert!(!dir.path().join(&kept).exists());
         }
         stop.store(true, Ordering::Relaxed);
         let (whole, bad) = reader.join().map_err(|_| "reader thread panicked")?;
         assert_eq!(bad, 0, "reader saw a missing or torn file");
         assert!(whole > 0);
-        // Only the live version is left.
+        assert_eq!(version_dirs(dir.path()).len(), 1);
+        assert!(retiring.lock().map(|r| r.is_empty()).unwrap_or(false));
+        Ok(())
+    }
+
+    /// A withdrawal removes the replaced version at once, and a write spares
+    /// versions still in their grace period.
+    #[test]
+    fn withdrawals_leave_no_old_version_and_retiring_ones_are_spared() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let retiring = Retiring::default();
+        let writer = AtomicWriter::new(dir.path()).with_retiring(retiring.clone());
+        writer.write(&payload(&[("a", b"1", 0o444), ("b", b"2", 0o444)]), None)?;
+        // Rotation of b: the replaced version is kept.
+        let (_, kept) =
+            writer.write_graced(&payload(&[("a", b"1", 0o444), ("b", b"3", 0o444)]), None)?;
+        let kept = kept.ok_or("kept")?;
+        // A withdrawal of a: its replaced version goes at once, the one in
+        // its grace period stays.
+        let (_, none) = writer.write_graced(&payload(&[("b", b"3", 0o444)]), None)?;
+        assert_eq!(none, None);
+        assert_eq!(version_dirs(dir.path()).len(), 2);
+        assert!(dir.path().join(&kept).is_dir());
+        writer.retire(&kept)?;
+        assert_eq!(version_dirs(dir.path()).len(), 1);
+        // Without a set, write() never leaves anything behind.
+        let plain = AtomicWriter::new(dir.path());
+        plain.write(&payload(&[("b", b"4", 0o444)]), None)?;
         assert_eq!(version_dirs(dir.path()).len(), 1);
         Ok(())
     }

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tonic::{Code, Status};
 
-use super::atomic_writer::{AtomicWriter, Payload, WriteOutcome};
+use super::atomic_writer::{Payload, WriteOutcome};
 use super::node::{
     NodeService, PublishError, RETIRE_DELAY, blocking, build_payload, error_chain, new_request_id,
     shorten,
@@ -143,11 +143,24 @@ impl Converged {
     }
 }
 
-/// Pending work per volume, and which volumes have a worker.
+/// Pending work per volume, and the volumes that have a worker (with the
+/// signal that tells a worker waiting for a custody permit that a
+/// withdrawal arrived).
 #[derive(Debug, Default)]
 struct QueueState {
     pending: HashMap<String, Work>,
-    running: HashSet<String>,
+    running: HashMap<String, Arc<tokio::sync::Notify>>,
+}
+
+/// What a volume's worker does next.
+enum Step {
+    /// Withdraw now (local, never waits for custody).
+    Withdraw(Withdrawal),
+    /// A refresh is pending: get a custody permit first (the refresh stays
+    /// pending meanwhile, so that more invalidations merge into it).
+    Refresh(Arc<tokio::sync::Notify>),
+    /// Nothing left; the worker ends.
+    Done,
 }
 
 /// At most one worker per volume; cheap to clone.
@@ -164,23 +177,57 @@ impl WorkQueue {
     /// Merges `work` into the volume's pending work; true when the caller
     /// must start a worker for it.
     fn add(&self, volume_id: &str, work: Work) -> bool {
+        let withdraws = work.withdrawal().is_some();
         let mut state = self.lock();
         state
             .pending
             .entry(volume_id.to_owned())
             .or_default()
             .merge(work);
-        state.running.insert(volume_id.to_owned())
+        match state.running.get(volume_id) {
+            Some(arrived) => {
+                if withdraws {
+                    arrived.notify_one();
+                }
+                false
+            }
+            None => {
+                state.running.insert(volume_id.to_owned(), Arc::default());
+                true
+            }
+        }
     }
 
-    /// The next pending work of a volume, or `None` (and the worker ends).
-    fn next(&self, volume_id: &str) -> Option<Work> {
+    /// The volume's next step: pending withdrawals first (taken), then a
+    /// pending refresh (left pending), else the worker ends.
+    fn next_step(&self, volume_id: &str) -> Step {
         let mut state = self.lock();
-        let work = state.pending.remove(volume_id);
-        if work.is_none() {
-            state.running.remove(volume_id);
+        if let Some(work) = state.pending.get_mut(volume_id) {
+            if let Some(withdrawal) = work.withdrawal() {
+                work.withdraw_all = None;
+                work.withdraw.clear();
+                return Step::Withdraw(withdrawal);
+            }
+            if work.refresh
+                && let Some(arrived) = state.running.get(volume_id)
+            {
+                return Step::Refresh(arrived.clone());
+            }
         }
-        work
+        state.pending.remove(volume_id);
+        state.running.remove(volume_id);
+        Step::Done
+    }
+
+    /// Takes the pending refresh (true if there was one).
+    fn take_refresh(&self, volume_id: &str) -> bool {
+        match self.lock().pending.get_mut(volume_id) {
+            Some(work) if work.refresh => {
+                work.refresh = false;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Volumes with work queued or in progress.
@@ -232,53 +279,75 @@ impl<R: Resolver> NodeService<R> {
         self.work.busy()
     }
 
+    /// A volume's worker: withdrawals at once, a refresh once a custody
+    /// permit is free (a withdrawal that arrives meanwhile goes first, and
+    /// invalidations that arrive meanwhile merge into the waiting refresh).
     async fn drain(self, volume_id: String) {
-        while let Some(work) = self.work.next(&volume_id) {
-            self.perform(&volume_id, work).await;
+        loop {
+            match self.work.next_step(&volume_id) {
+                Step::Withdraw(withdrawal) => {
+                    self.perform_withdrawal(&volume_id, withdrawal).await;
+                }
+                Step::Refresh(arrived) => {
+                    let permit = tokio::select! {
+                        biased;
+                        () = arrived.notified() => continue,
+                        permit = self.custody_permits.clone().acquire_owned() => permit.ok(),
+                    };
+                    if self.work.take_refresh(&volume_id) {
+                        self.perform_refresh(&volume_id).await;
+                    }
+                    drop(permit);
+                }
+                Step::Done => return,
+            }
         }
     }
 
-    /// Runs one (merged) piece of work on a volume: withdrawals, then the
-    /// refresh. Failures are logged; the next invalidation, republish or
-    /// expiry tries again.
-    async fn perform(&self, volume_id: &str, work: Work) {
+    /// Withdraws files of a volume (local only). Failures are logged; the
+    /// next invalidation, republish or expiry tries again.
+    async fn perform_withdrawal(&self, volume_id: &str, withdrawal: Withdrawal) {
         let Some(target) = self.volumes.target_of(volume_id) else {
             return;
         };
         let _guard = self.locks.lock(&target.to_string_lossy()).await;
-        if let Some(withdrawal) = work.withdrawal() {
-            // Unpublished while queued: nothing to do.
-            let Some((entry, _)) = self.volumes.get(volume_id, jiff::Timestamp::now()) else {
-                return;
-            };
-            if let Err(error) = self.withdraw_locked(entry.clone(), withdrawal, None).await {
-                tracing::error!(
-                    volume_id = %volume_id,
-                    namespace = %entry.pod.namespace,
-                    pod = %entry.pod.name,
-                    error = %error_chain(&error),
-                    "could not withdraw files"
-                );
-            }
+        // Unpublished while queued: nothing to do.
+        let Some((entry, _)) = self.volumes.get(volume_id, jiff::Timestamp::now()) else {
+            return;
+        };
+        if let Err(error) = self.withdraw_locked(entry.clone(), withdrawal, None).await {
+            tracing::error!(
+                volume_id = %volume_id,
+                namespace = %entry.pod.namespace,
+                pod = %entry.pod.name,
+                error = %error_chain(&error),
+                "could not withdraw files"
+            );
         }
-        if work.refreshes() {
-            let Some((entry, token)) = self.volumes.get(volume_id, jiff::Timestamp::now()) else {
-                return;
-            };
-            let request_id = new_request_id();
-            if let Err(error) = self
-                .refresh_locked(entry.clone(), token, TokenUpdate::Keep, &request_id)
-                .await
-            {
-                tracing::error!(
-                    volume_id = %volume_id,
-                    namespace = %entry.pod.namespace,
-                    pod = %entry.pod.name,
-                    request_id = %request_id,
-                    error = %error_chain(&error),
-                    "could not converge the volume"
-                );
-            }
+    }
+
+    /// Re-resolves a volume; the caller holds a custody permit.
+    async fn perform_refresh(&self, volume_id: &str) {
+        let Some(target) = self.volumes.target_of(volume_id) else {
+            return;
+        };
+        let _guard = self.locks.lock(&target.to_string_lossy()).await;
+        let Some((entry, token)) = self.volumes.get(volume_id, jiff::Timestamp::now()) else {
+            return;
+        };
+        let request_id = new_request_id();
+        if let Err(error) = self
+            .refresh_locked(entry.clone(), token, TokenUpdate::Keep, &request_id)
+            .await
+        {
+            tracing::error!(
+                volume_id = %volume_id,
+                namespace = %entry.pod.namespace,
+                pod = %entry.pod.name,
+                request_id = %request_id,
+                error = %error_chain(&error),
+                "could not converge the volume"
+            );
         }
     }
 
@@ -293,6 +362,7 @@ impl<R: Resolver> NodeService<R> {
     ) -> Result<WriteOutcome, PublishError> {
         let volume_id = entry.volume_id.clone();
         let pod = entry.pod.clone();
+        let _permit = self.custody_permit().await;
         match self
             .refresh_locked(
                 entry,
@@ -320,7 +390,7 @@ impl<R: Resolver> NodeService<R> {
 
     /// Re-resolves the volume with `token` (or checks its grant states
     /// without one) and makes the files match. `hold` says what to do with
-    /// the held token. Needs the per-target lock.
+    /// the held token. Needs the per-target lock and a custody permit.
     pub(super) async fn refresh_locked(
         &self,
         entry: PublishedVolume,
@@ -390,11 +460,7 @@ impl<R: Resolver> NodeService<R> {
                     agent: entry.agent.clone(),
                 })
                 .collect();
-            let states = {
-                let _permit = self.custody_permit().await;
-                self.resolver.grant_states(refs).await
-            };
-            if let Ok(states) = states {
+            if let Ok(states) = self.resolver.grant_states(refs).await {
                 let active: BTreeSet<String> = states
                     .into_iter()
                     .filter(|state| state.active)
@@ -440,7 +506,6 @@ impl<R: Resolver> NodeService<R> {
             grants: grants.to_vec(),
             fs_group: entry.fs_group.map(i64::from),
         };
-        let _permit = self.custody_permit().await;
         self.resolver.resolve(request).await
     }
 
@@ -463,11 +528,7 @@ impl<R: Resolver> NodeService<R> {
                 agent: entry.agent.clone(),
             })
             .collect();
-        let states = {
-            let _permit = self.custody_permit().await;
-            self.resolver.grant_states(refs).await
-        };
-        let states = match states {
+        let states = match self.resolver.grant_states(refs).await {
             Ok(states) => states,
             Err(status) => {
                 tracing::warn!(
@@ -669,8 +730,10 @@ impl<R: Resolver> NodeService<R> {
             .await
     }
 
-    /// Writes the volume's new content through a writable view and, when
-    /// `store`, the registry entry.
+    /// Writes the volume's new content through its handle and, when
+    /// `store`, the registry entry. A replaced version whose files all
+    /// survive (a rotation) is retired by a timer after [`RETIRE_DELAY`], so
+    /// the worker does not wait for it.
     async fn write_locked_keeping(
         &self,
         record: &PublishedVolume,
@@ -679,31 +742,42 @@ impl<R: Resolver> NodeService<R> {
     ) -> Result<WriteOutcome, PublishError> {
         let mounter = self.mounter.clone();
         let registry = self.registry.clone();
+        let volumes = self.volumes.clone();
         let record = record.clone();
-        blocking(
+        let (written, kept, handle) = blocking(
             move || {
-                let view = mounter
-                    .writable_view(&record.target_path)
+                let handle = volumes
+                    .handle(&record.volume_id, &record.target_path, &mounter)
                     .map_err(PublishError::Mount)?;
-                let writer = AtomicWriter::new(view.path()).with_retire_delay(RETIRE_DELAY);
-                let written = match keep {
-                    Keep::Exactly(payload) => writer.write(&payload, record.fs_group),
-                    Keep::Nothing => writer.write(&Payload::new(), record.fs_group),
+                let writer = handle.writer();
+                let (written, kept) = match keep {
+                    Keep::Exactly(payload) => writer.write_graced(&payload, record.fs_group),
+                    Keep::Nothing => writer.write_graced(&Payload::new(), record.fs_group),
                     Keep::AllBut(drop) => writer.read_current().and_then(|mut payload| {
                         payload.retain(|name, _| !drop.contains(name));
-                        writer.write(&payload, record.fs_group)
+                        writer.write_graced(&payload, record.fs_group)
                     }),
-                };
-                view.close().map_err(PublishError::Mount)?;
-                let written = written.map_err(PublishError::Write)?;
+                }
+                .map_err(PublishError::Write)?;
                 if store {
                     registry.store(&record).map_err(PublishError::Registry)?;
                 }
-                Ok(written)
+                Ok((written, kept, handle))
             },
             PublishError::Task,
         )
-        .await
+        .await?;
+        if let Some(version) = kept {
+            tokio::spawn(async move {
+                tokio::time::sleep(RETIRE_DELAY).await;
+                let retired =
+                    tokio::task::spawn_blocking(move || handle.writer().retire(&version)).await;
+                if let Ok(Err(error)) = retired {
+                    tracing::warn!(error = %error_chain(&error), "could not remove a replaced version of a volume's files");
+                }
+            });
+        }
+        Ok(written)
     }
 
     /// Audit lines for what a refresh changed: grants that left, grants
@@ -829,18 +903,22 @@ mod tests {
     }
 
     #[test]
-    fn queue_runs_one_worker_per_volume_and_merges() {
+    fn queue_runs_one_worker_per_volume_takes_withdrawals_first_and_merges() {
         let queue = WorkQueue::default();
         assert!(queue.add("v1", Work::refresh()));
         assert!(!queue.add("v1", Work::withdraw_all("Conflict")));
         assert!(queue.add("v2", Work::refresh()));
         assert_eq!(queue.busy(), 2);
-        let merged = queue.next("v1");
-        assert_eq!(
-            merged.as_ref().map(|w| (w.refresh, w.withdraw_all.clone())),
-            Some((true, Some("Conflict".to_owned())))
+        // The withdrawal is taken; the refresh stays pending until a permit
+        // is held, so more work merges into it.
+        assert!(
+            matches!(queue.next_step("v1"), Step::Withdraw(Withdrawal::All(r)) if r == "Conflict")
         );
-        assert!(queue.next("v1").is_none());
+        assert!(matches!(queue.next_step("v1"), Step::Refresh(_)));
+        assert!(!queue.add("v1", Work::refresh()));
+        assert!(queue.take_refresh("v1"));
+        assert!(!queue.take_refresh("v1"));
+        assert!(matches!(queue.next_step("v1"), Step::Done));
         assert_eq!(queue.busy(), 1);
         // A new piece of work after the worker ended starts a new one.
         assert!(queue.add("v1", Work::refresh()));

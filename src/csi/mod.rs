@@ -22,7 +22,8 @@
 //!
 //! A publish is: validate the target path, parse the attributes, resolve via
 //! custody, `mount_tmpfs` + `set_read_only(true)`, then write the payload
-//! through a `writable_view` and record the volume in the registry.
+//! through the volume's detached writable view (kept for later writes) and
+//! record the volume in the registry.
 
 pub mod atomic_writer;
 pub mod controller;

@@ -22,6 +22,14 @@
 //! a window in which a container (re)starting in that instant gets a writable
 //! copy of the mount.
 //!
+//! 4. For a volume that is written again and again (rotations, withdrawals),
+//!    [`Mounter::detached_view`] makes such a view once, opens its root and
+//!    detaches the bind at once (`MNT_DETACH`): no path reaches it any more
+//!    (it is not even in mountinfo), but the open directory keeps it alive
+//!    and writable, and the plugin writes through `/proc/self/fd/N`. Every
+//!    later write then needs no mount system call and no mountinfo scan,
+//!    which matters when one change touches every volume on the node.
+//!
 //! The scratch directory should be private to the node plugin (for example
 //! `/run/scopehold/rw` inside its container), not under a shared mount such as
 //! the kubelet directory, so that the short-lived binds do not propagate.
@@ -38,8 +46,9 @@ use std::fmt;
 use std::fs;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -395,6 +404,27 @@ impl Mounter {
         Ok(view)
     }
 
+    /// A writable view of our tmpfs at `target` that no path reaches: see
+    /// the module comment (step 4). Holding it keeps the tmpfs's memory
+    /// allocated after the target is unmounted, so drop it at unpublish.
+    pub fn detached_view(&self, target: &Path) -> Result<DetachedView, MountError> {
+        let mut view = self.writable_view(target)?;
+        let dir = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+            .open(&view.path)
+            .map_err(io_error("open", &view.path))?;
+        let dev = dir
+            .metadata()
+            .map_err(io_error("inspect", &view.path))?
+            .dev();
+        nix::mount::umount2(&view.path, MntFlags::UMOUNT_NOFOLLOW | MntFlags::MNT_DETACH)
+            .map_err(sys_error("detach writable view", &view.path))?;
+        view.mounted = false;
+        view.release()?;
+        Ok(DetachedView { dir, dev })
+    }
+
     /// Unmounts our tmpfs at `target` (every layer of ours, should any be
     /// stacked). Not mounted is success; a foreign mount is refused.
     pub fn unmount(&self, target: &Path, mode: UnmountMode) -> Result<UnmountOutcome, MountError> {
@@ -505,6 +535,30 @@ impl Drop for WritableView {
         if let Err(error) = self.release() {
             tracing::warn!(error = %error, "could not clean up a writable view");
         }
+    }
+}
+
+/// A writable, detached view of one volume's tmpfs (see
+/// [`Mounter::detached_view`]).
+#[derive(Debug)]
+pub struct DetachedView {
+    dir: fs::File,
+    /// The tmpfs's device number, to recognise its target.
+    dev: u64,
+}
+
+impl DetachedView {
+    /// Where to write: `/proc/self/fd/N/.` (the trailing `.` makes the
+    /// magic link resolve for `lstat` too). Valid only while `self` lives.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}/.", self.dir.as_raw_fd()))
+    }
+
+    /// Whether `target` still shows this tmpfs (it was not unmounted and
+    /// replaced behind our back).
+    pub fn serves(&self, target: &Path) -> bool {
+        fs::symlink_metadata(target)
+            .is_ok_and(|metadata| metadata.is_dir() && metadata.dev() == self.dev)
     }
 }
 
@@ -803,6 +857,46 @@ mod tests {
         fixture.mounter.set_read_only(&target, false)?;
         fs::write(target.join("direct"), b"x")?;
         fixture.mounter.unmount(&target, UnmountMode::Detach)?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_detached_view_writes_into_the_read_only_target_and_is_reachable_by_no_path() -> TestResult
+    {
+        let fixture = Fixture::new()?;
+        let target = fixture.target();
+        fixture.mounter.mount_tmpfs(&target, &SMALL)?;
+        fixture.mounter.set_read_only(&target, true)?;
+        let root = fs::canonicalize(fixture.root.path())?;
+        let ours = || -> Result<usize, MountError> {
+            Ok(read_mountinfo()?
+                .iter()
+                .filter(|entry| entry.mount_point.starts_with(&root))
+                .count())
+        };
+        assert_eq!(ours()?, 1);
+
+        let view = fixture.mounter.detached_view(&target)?;
+        // No trace in the mount table, and the scratch directory is empty.
+        assert_eq!(ours()?, 1);
+        assert_eq!(
+            fs::read_dir(fixture.root.path().join("scratch"))?.count(),
+            0
+        );
+        assert!(view.serves(&target));
+        fs::write(view.path().join("file"), b"through the detached view")?;
+        fs::create_dir(view.path().join("..dir"))?;
+        assert_eq!(fs::read(target.join("file"))?, b"through the detached view");
+        assert!(target.join("..dir").is_dir());
+        assert!(
+            fs::write(target.join("other"), b"x").is_err(),
+            "target stays read-only"
+        );
+
+        // Once the target no longer shows this tmpfs, the view says so.
+        fixture.mounter.unmount(&target, UnmountMode::Normal)?;
+        assert!(!view.serves(&target));
+        drop(view);
         Ok(())
     }
 

@@ -11,7 +11,8 @@
 //! 3. ask custody (`Resolve`) with the pod's token; a refusal mounts
 //!    nothing;
 //! 4. mount a size-limited tmpfs (never stacked), make the mount point
-//!    read-only, write the files through a private writable view with the
+//!    read-only, write the files through a private writable view (detached:
+//!    reachable by no path, kept for later writes) with the
 //!    atomic writer (per-file modes, group = the pod's fsGroup), record the
 //!    volume in the registry and keep the pod's token in memory for the
 //!    push path ([`super::volumes`]).
@@ -37,7 +38,7 @@ use std::sync::Arc;
 
 use tonic::{Code, Request, Response, Status};
 
-use super::atomic_writer::{AtomicWriteError, AtomicWriter, FileContent, Payload, WriteOutcome};
+use super::atomic_writer::{AtomicWriteError, FileContent, Payload, WriteOutcome};
 use super::converge::WorkQueue;
 use super::locks::KeyedLocks;
 use super::mounter::{MountError, Mounter, TmpfsOptions, UnmountMode};
@@ -48,7 +49,7 @@ use super::reports::ReportSink;
 use super::resolver::Resolver;
 use super::target_path::{TargetPath, TargetPathError, TargetPathPolicy};
 use super::volume_context::{PublishAttributes, VolumeContextError, parse_publish_attributes};
-use super::volumes::{TokenUpdate, VolumeTable};
+use super::volumes::{TokenUpdate, VolumeHandle, VolumeTable};
 use crate::proto::csi::v1 as csi;
 use crate::proto::csi::v1::node_server::Node;
 use crate::proto::csi::v1::node_service_capability::rpc::Type as RpcType;
@@ -67,9 +68,10 @@ const MAX_ID_IN_LOG: usize = 80;
 /// fsGroup to every container's groups) and when it has none.
 const ROOT_MODE_WITH_GROUP: u32 = 0o750;
 const ROOT_MODE_WITHOUT_GROUP: u32 = 0o755;
-/// How long the previous version of a volume's files stays reachable after
-/// a rewrite (see [`AtomicWriter::with_retire_delay`]): readers that
-/// resolved `..data` just before the swap never see a missing file.
+/// How long a replaced version of a volume's files stays in place after a
+/// rotation (see [`super::atomic_writer::Retiring`]): a reader that resolved
+/// `..data` just before the swap never sees a missing file. The writer does
+/// not wait for it; a timer retires the version.
 pub(super) const RETIRE_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
 /// Concurrent custody calls of the push path and republishes together
 /// (a rotation can touch every volume on the node at once).
@@ -583,7 +585,7 @@ struct Apply {
 impl Apply {
     /// Mounts (if needed), writes, records. On failure after mounting in
     /// this call, unmounts and removes the target directory again.
-    fn run(self) -> Result<PublishOutcome, PublishError> {
+    fn run(self) -> Result<(PublishOutcome, Arc<VolumeHandle>), PublishError> {
         let target = self.target.as_path();
         let mounted = self
             .mounter
@@ -601,29 +603,27 @@ impl Apply {
         if result.is_err() && mounted {
             undo_mount(&self.mounter, target);
         }
-        result.map(|files| PublishOutcome { mounted, files })
+        result.map(|(files, handle)| (PublishOutcome { mounted, files }, handle))
     }
 
-    fn fill(&self) -> Result<WriteOutcome, PublishError> {
+    fn fill(&self) -> Result<(WriteOutcome, Arc<VolumeHandle>), PublishError> {
         let target = self.target.as_path();
         // Always read-only to the pod, whatever `readonly` says: a writable
         // mount would let the pod tamper with `..data` and its files.
         self.mounter
             .set_read_only(target, true)
             .map_err(PublishError::Mount)?;
-        let view = self
-            .mounter
-            .writable_view(target)
-            .map_err(PublishError::Mount)?;
-        let written = AtomicWriter::new(view.path())
-            .with_retire_delay(RETIRE_DELAY)
-            .write(&self.payload, self.fs_group);
-        view.close().map_err(PublishError::Mount)?;
-        let written = written.map_err(PublishError::Write)?;
+        // The volume's writable handle, kept for every later write.
+        let handle =
+            Arc::new(VolumeHandle::open(&self.mounter, target).map_err(PublishError::Mount)?);
+        let written = handle
+            .writer()
+            .write(&self.payload, self.fs_group)
+            .map_err(PublishError::Write)?;
         self.registry
             .store(&self.entry)
             .map_err(PublishError::Registry)?;
-        Ok(written)
+        Ok((written, handle))
     }
 }
 
@@ -806,11 +806,12 @@ impl<R: Resolver> NodeService<R> {
             fs_group: checked.fs_group,
             entry: entry.clone(),
         };
-        let outcome = blocking(move || apply.run(), PublishError::Task).await?;
+        let (outcome, handle) = blocking(move || apply.run(), PublishError::Task).await?;
         self.volumes.upsert(
             entry.clone(),
             TokenUpdate::Set(checked.attributes.token.clone()),
         );
+        self.volumes.set_handle(&entry.volume_id, handle);
         tracing::info!(
             volume_id = %checked.volume_id,
             namespace = %pod.namespace,

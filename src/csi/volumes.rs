@@ -7,15 +7,49 @@
 //! with every republish, so the push path can re-resolve with the pod's own
 //! identity between republishes; after a restart there is none until the
 //! next republish, and the push path falls back to `GrantStates`.
+//!
+//! Each volume also keeps its [`VolumeHandle`]: the detached writable view
+//! every write goes through, made once per volume (and again after a
+//! restart).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::Notify;
 
+use super::atomic_writer::{AtomicWriter, Retiring};
+use super::mounter::{DetachedView, MountError, Mounter};
 use super::registry::PublishedVolume;
 use super::volume_context::PodToken;
+
+/// How one volume is written: its detached writable view and the versions
+/// still within their grace period.
+#[derive(Debug)]
+pub struct VolumeHandle {
+    view: DetachedView,
+    retiring: Retiring,
+}
+
+impl VolumeHandle {
+    pub fn open(mounter: &Mounter, target: &Path) -> Result<Self, MountError> {
+        Ok(Self {
+            view: mounter.detached_view(target)?,
+            retiring: Retiring::default(),
+        })
+    }
+
+    /// A writer for the volume; valid only while `self` lives (it writes
+    /// through `/proc/self/fd/N`).
+    pub fn writer(&self) -> AtomicWriter {
+        AtomicWriter::new(self.view.path()).with_retiring(self.retiring.clone())
+    }
+
+    /// Whether the volume's target still shows this tmpfs.
+    pub fn serves(&self, target: &Path) -> bool {
+        self.view.serves(target)
+    }
+}
 
 /// A token that expires within this margin is not used any more: custody
 /// would refuse it, and a refusal withdraws content.
@@ -36,6 +70,7 @@ pub enum TokenUpdate {
 struct Tracked {
     entry: PublishedVolume,
     token: Option<PodToken>,
+    handle: Option<Arc<VolumeHandle>>,
 }
 
 /// The published volumes, shared by the Node service, the push path and the
@@ -60,13 +95,28 @@ impl VolumeTable {
     pub fn upsert(&self, entry: PublishedVolume, token: TokenUpdate) {
         {
             let mut volumes = self.lock();
-            let previous = volumes.remove(&entry.volume_id).and_then(|t| t.token);
+            let (previous, handle) = match volumes.remove(&entry.volume_id) {
+                // A handle belongs to the target it was made for.
+                Some(t) => (
+                    t.token,
+                    t.handle
+                        .filter(|_| t.entry.target_path == entry.target_path),
+                ),
+                None => (None, None),
+            };
             let token = match token {
                 TokenUpdate::Keep => previous,
                 TokenUpdate::Set(token) => Some(token),
                 TokenUpdate::Clear => None,
             };
-            volumes.insert(entry.volume_id.clone(), Tracked { entry, token });
+            volumes.insert(
+                entry.volume_id.clone(),
+                Tracked {
+                    entry,
+                    token,
+                    handle,
+                },
+            );
         }
         self.changed.notify_one();
     }
@@ -75,6 +125,38 @@ impl VolumeTable {
     pub fn clear_token(&self, volume_id: &str) {
         if let Some(tracked) = self.lock().get_mut(volume_id) {
             tracked.token = None;
+        }
+    }
+
+    /// The volume's handle if it still serves `target`, else a new one
+    /// (kept for next time). Blocking: may mount.
+    pub fn handle(
+        &self,
+        volume_id: &str,
+        target: &Path,
+        mounter: &Mounter,
+    ) -> Result<Arc<VolumeHandle>, MountError> {
+        let cached = self
+            .lock()
+            .get(volume_id)
+            .and_then(|t| t.handle.clone())
+            .filter(|handle| handle.serves(target));
+        if let Some(handle) = cached {
+            return Ok(handle);
+        }
+        let handle = Arc::new(VolumeHandle::open(mounter, target)?);
+        if let Some(tracked) = self.lock().get_mut(volume_id)
+            && tracked.entry.target_path == target
+        {
+            tracked.handle = Some(handle.clone());
+        }
+        Ok(handle)
+    }
+
+    /// Keeps `handle` for the volume (made by its first publish).
+    pub fn set_handle(&self, volume_id: &str, handle: Arc<VolumeHandle>) {
+        if let Some(tracked) = self.lock().get_mut(volume_id) {
+            tracked.handle = Some(handle);
         }
     }
 
