@@ -236,6 +236,10 @@ impl WorkQueue {
     }
 }
 
+/// A permit for custody calls (none only if the semaphore were closed,
+/// which never happens; the call then goes ahead unthrottled).
+type Permit = Option<tokio::sync::OwnedSemaphorePermit>;
+
 /// `Reason` from custody's `Reason: message` statuses (a PascalCase word),
 /// else the code name.
 fn refusal_reason(status: &Status) -> String {
@@ -295,9 +299,8 @@ impl<R: Resolver> NodeService<R> {
                         permit = self.custody_permits.clone().acquire_owned() => permit.ok(),
                     };
                     if self.work.take_refresh(&volume_id) {
-                        self.perform_refresh(&volume_id).await;
+                        self.perform_refresh(&volume_id, permit).await;
                     }
-                    drop(permit);
                 }
                 Step::Done => return,
             }
@@ -326,8 +329,8 @@ impl<R: Resolver> NodeService<R> {
         }
     }
 
-    /// Re-resolves a volume; the caller holds a custody permit.
-    async fn perform_refresh(&self, volume_id: &str) {
+    /// Re-resolves a volume with the custody permit the caller got.
+    async fn perform_refresh(&self, volume_id: &str, permit: Permit) {
         let Some(target) = self.volumes.target_of(volume_id) else {
             return;
         };
@@ -337,7 +340,7 @@ impl<R: Resolver> NodeService<R> {
         };
         let request_id = new_request_id();
         if let Err(error) = self
-            .refresh_locked(entry.clone(), token, TokenUpdate::Keep, &request_id)
+            .refresh_locked(entry.clone(), token, TokenUpdate::Keep, &request_id, permit)
             .await
         {
             tracing::error!(
@@ -362,13 +365,14 @@ impl<R: Resolver> NodeService<R> {
     ) -> Result<WriteOutcome, PublishError> {
         let volume_id = entry.volume_id.clone();
         let pod = entry.pod.clone();
-        let _permit = self.custody_permit().await;
+        let permit = self.custody_permits.clone().acquire_owned().await.ok();
         match self
             .refresh_locked(
                 entry,
                 Some(token.clone()),
                 TokenUpdate::Set(token),
                 request_id,
+                permit,
             )
             .await
         {
@@ -390,19 +394,21 @@ impl<R: Resolver> NodeService<R> {
 
     /// Re-resolves the volume with `token` (or checks its grant states
     /// without one) and makes the files match. `hold` says what to do with
-    /// the held token. Needs the per-target lock and a custody permit.
+    /// the held token. Needs the per-target lock; `permit` (a custody
+    /// permit) is released as soon as custody has answered, before writing.
     pub(super) async fn refresh_locked(
         &self,
         entry: PublishedVolume,
         token: Option<PodToken>,
         hold: TokenUpdate,
         request_id: &str,
+        permit: Permit,
     ) -> Result<Converged, PublishError> {
         // Track the volume (and a fresh token) whatever custody answers: the
         // expiry timer and the push path need it from now on.
         self.volumes.upsert(entry.clone(), hold);
         let Some(token) = token else {
-            return self.check_grant_states_locked(entry).await;
+            return self.check_grant_states_locked(entry, permit).await;
         };
         let requested = entry.requested_grants.clone();
         match self
@@ -410,6 +416,7 @@ impl<R: Resolver> NodeService<R> {
             .await
         {
             Ok(response) => {
+                drop(permit);
                 self.apply_response_locked(entry, &response, request_id)
                     .await
             }
@@ -431,7 +438,7 @@ impl<R: Resolver> NodeService<R> {
                     // expired): wait for the next republish's token.
                     self.volumes.clear_token(&entry.volume_id);
                 }
-                self.after_refusal_locked(entry, &token, &status, request_id)
+                self.after_refusal_locked(entry, &token, &status, request_id, permit)
                     .await
             }
         }
@@ -446,6 +453,7 @@ impl<R: Resolver> NodeService<R> {
         token: &PodToken,
         status: &Status,
         request_id: &str,
+        permit: Permit,
     ) -> Result<Converged, PublishError> {
         if !entry.requested_grants.is_empty()
             && !entry.agent.is_empty()
@@ -472,6 +480,7 @@ impl<R: Resolver> NodeService<R> {
                     if let Ok(response) =
                         self.call_resolve(&entry, token, &active, request_id).await
                     {
+                        drop(permit);
                         return self
                             .apply_response_locked(entry, &response, request_id)
                             .await;
@@ -479,6 +488,7 @@ impl<R: Resolver> NodeService<R> {
                 }
             }
         }
+        drop(permit);
         self.withdraw_locked(
             entry,
             Withdrawal::All(refusal_reason(status)),
@@ -515,6 +525,7 @@ impl<R: Resolver> NodeService<R> {
     async fn check_grant_states_locked(
         &self,
         entry: PublishedVolume,
+        permit: Permit,
     ) -> Result<Converged, PublishError> {
         if entry.grants.is_empty() {
             return Ok(Converged::Unchanged);
@@ -528,7 +539,9 @@ impl<R: Resolver> NodeService<R> {
                 agent: entry.agent.clone(),
             })
             .collect();
-        let states = match self.resolver.grant_states(refs).await {
+        let states = self.resolver.grant_states(refs).await;
+        drop(permit);
+        let states = match states {
             Ok(states) => states,
             Err(status) => {
                 tracing::warn!(
