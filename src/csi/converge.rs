@@ -293,14 +293,24 @@ impl<R: Resolver> NodeService<R> {
                     self.perform_withdrawal(&volume_id, withdrawal).await;
                 }
                 Step::Refresh(arrived) => {
+                    let Some(target) = self.volumes.target_of(&volume_id) else {
+                        // Unpublished meanwhile.
+                        self.work.take_refresh(&volume_id);
+                        continue;
+                    };
+                    // The volume's lock first, then a permit: the order a
+                    // publish takes them in, so the two never wait on each
+                    // other in a cycle.
+                    let guard = self.locks.lock(&target.to_string_lossy()).await;
                     let permit = tokio::select! {
                         biased;
                         () = arrived.notified() => continue,
                         permit = self.custody_permits.clone().acquire_owned() => permit.ok(),
                     };
                     if self.work.take_refresh(&volume_id) {
-                        self.perform_refresh(&volume_id, permit).await;
+                        self.refresh_volume_locked(&volume_id, permit).await;
                     }
+                    drop(guard);
                 }
                 Step::Done => return,
             }
@@ -329,12 +339,8 @@ impl<R: Resolver> NodeService<R> {
         }
     }
 
-    /// Re-resolves a volume with the custody permit the caller got.
-    async fn perform_refresh(&self, volume_id: &str, permit: Permit) {
-        let Some(target) = self.volumes.target_of(volume_id) else {
-            return;
-        };
-        let _guard = self.locks.lock(&target.to_string_lossy()).await;
+    /// Re-resolves a volume; the caller holds its lock and got `permit`.
+    async fn refresh_volume_locked(&self, volume_id: &str, permit: Permit) {
         let Some((entry, token)) = self.volumes.get(volume_id, jiff::Timestamp::now()) else {
             return;
         };
