@@ -5,6 +5,7 @@
 use std::fs;
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,6 +28,9 @@ use crate::proto::csi::v1::node_server::NodeServer;
 /// Smallest and largest accepted `--tmpfs-size`.
 pub const MIN_TMPFS_BYTES: u64 = 64 * 1024;
 pub const MAX_TMPFS_BYTES: u64 = 1024 * 1024 * 1024;
+/// Longest path a unix socket address holds (`sun_path` is 108 bytes with
+/// the terminating NUL). Kubelet connects by path, so a longer one is useless.
+pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 /// Longest node name (the CSI limit for `node_id`).
 const MAX_NODE_NAME_BYTES: usize = 256;
 
@@ -111,13 +115,21 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, NodePluginError> {
     if path.ends_with('/') {
         return Err(invalid("the socket path names a directory"));
     }
+    if path.len() > MAX_SOCKET_PATH_BYTES {
+        return Err(invalid(
+            "the socket path is longer than the 107 bytes a unix socket address holds",
+        ));
+    }
     Ok(PathBuf::from(path))
 }
 
 /// Creates the listening socket at `path` with mode 0600. A stale socket is
 /// removed first; anything else at the path is refused. The socket is bound
 /// in a private (0700) directory beside the final path and renamed into
-/// place, so it is never reachable with looser permissions.
+/// place, so it is never reachable with looser permissions. The bind goes
+/// through `/proc/self/fd/N/s` (N: the private directory, held open) so the
+/// staging path is short however deep the final path is: binding at
+/// `<parent>/.shXXXXXXXX/s` would overflow `sun_path` for final paths that fit.
 pub fn bind_socket(path: &Path) -> Result<UnixListener, SocketError> {
     match fs::symlink_metadata(path) {
         Ok(metadata) if metadata.file_type().is_socket() => {
@@ -140,8 +152,12 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, SocketError> {
         .map_err(socket_io("create a private directory for the socket"))?;
     let result = (|| {
         let staged = private_dir.join("s");
-        let listener = std::os::unix::net::UnixListener::bind(&staged)
+        let private_dir_handle =
+            fs::File::open(&private_dir).map_err(socket_io("open the private directory"))?;
+        let short_staged = format!("/proc/self/fd/{}/s", private_dir_handle.as_raw_fd());
+        let listener = std::os::unix::net::UnixListener::bind(&short_staged)
             .map_err(socket_io("bind the socket"))?;
+        drop(private_dir_handle);
         fs::set_permissions(&staged, fs::Permissions::from_mode(0o600))
             .map_err(socket_io("set the socket's mode"))?;
         fs::rename(&staged, path).map_err(socket_io("move the socket into place"))?;
@@ -353,6 +369,7 @@ mod tests {
             "tcp://127.0.0.1:1",
             "unix:///csi/",
             "",
+            format!("unix:///{}", "s".repeat(MAX_SOCKET_PATH_BYTES)).as_str(),
         ] {
             assert!(socket_path(bad).is_err(), "{bad:?}");
         }
@@ -376,6 +393,16 @@ mod tests {
         // A stale socket (its listener is gone) is replaced.
         let _second = bind_socket(&path)?;
         assert!(fs::symlink_metadata(&path)?.file_type().is_socket());
+
+        // A final path of the longest length a socket address holds works
+        // (the staging path must not be longer than it).
+        let base = dir.path().join("d");
+        let room = MAX_SOCKET_PATH_BYTES - base.as_os_str().len() - 1;
+        let longest = base.join("s".repeat(room));
+        assert_eq!(longest.as_os_str().len(), MAX_SOCKET_PATH_BYTES);
+        let _longest = bind_socket(&longest)?;
+        assert!(tokio::net::UnixStream::connect(&longest).await.is_ok());
+        assert_eq!(fs::read_dir(&base)?.count(), 1);
 
         let file = dir.path().join("not-a-socket");
         fs::write(&file, b"keep me")?;
