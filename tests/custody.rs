@@ -10,6 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::objects::{create_grant, create_identity, create_secret, expired_token, key};
+use common::stack::{node_plugin_token, start_controller_with_custody};
 use common::{
     AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
     install_crds, pod_token, test_namespace, wait_for_desc,
@@ -51,40 +52,8 @@ impl Fixture {
         let ns = test_namespace(&client, prefix).await;
         let node = format!("{ns}-node-a");
         create_node(&client, &node).await;
-        create_service_account(&client, &ns, "node-plugin").await;
-        let plugin = create_pod(&client, &ns, "node-plugin", "node-plugin", &node).await;
-        let plugin_token = pod_token(
-            &client,
-            &ns,
-            "node-plugin",
-            "node-plugin",
-            &plugin.uid().unwrap(),
-            AUDIENCE,
-            3600,
-        )
-        .await;
-        let controller = ControllerProcess::start(
-            &ns,
-            &[
-                "--custody-listen",
-                "127.0.0.1:0",
-                "--custody-plaintext",
-                "--node-service-account",
-                &format!("{ns}/node-plugin"),
-                "--status-flush-ms",
-                "200",
-            ],
-        );
-        let line = controller
-            .wait_for_log(|l| l.contains("custody_addr"), WAIT)
-            .await;
-        let custody = serde_json::from_str::<serde_json::Value>(&line).unwrap()["custody_addr"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        controller
-            .wait_for_log(|l| l.contains("caches synced"), WAIT)
-            .await;
+        let plugin_token = node_plugin_token(&client, &ns, &node).await;
+        let (controller, custody) = start_controller_with_custody(&ns, &[]).await;
         Fixture {
             client,
             ns,
@@ -761,19 +730,8 @@ async fn tls_is_the_default_and_refuses_plaintext() {
     let ns = test_namespace(&client, "custody-tls").await;
     let node = format!("{ns}-node");
     create_node(&client, &node).await;
-    create_service_account(&client, &ns, "node-plugin").await;
     create_service_account(&client, &ns, "bot-sa").await;
-    let plugin = create_pod(&client, &ns, "node-plugin", "node-plugin", &node).await;
-    let plugin_token = pod_token(
-        &client,
-        &ns,
-        "node-plugin",
-        "node-plugin",
-        &plugin.uid().unwrap(),
-        AUDIENCE,
-        3600,
-    )
-    .await;
+    let plugin_token = node_plugin_token(&client, &ns, &node).await;
     let args = [
         "--custody-listen",
         "127.0.0.1:0",

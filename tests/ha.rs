@@ -8,6 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::stack::node_plugin_token;
 use common::{
     AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
     install_crds, pod_token, test_namespace, wait_for_desc,
@@ -109,19 +110,8 @@ async fn one_leader_reconciles_the_other_takes_over_and_both_serve_custody() {
     let ns = test_namespace(&client, "ha").await;
     let node = format!("{ns}-node");
     create_node(&client, &node).await;
-    create_service_account(&client, &ns, "node-plugin").await;
     create_service_account(&client, &ns, "bot-sa").await;
-    let plugin = create_pod(&client, &ns, "node-plugin", "node-plugin", &node).await;
-    let plugin_token = pod_token(
-        &client,
-        &ns,
-        "node-plugin",
-        "node-plugin",
-        &plugin.uid().unwrap(),
-        AUDIENCE,
-        3600,
-    )
-    .await;
+    let plugin_token = node_plugin_token(&client, &ns, &node).await;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some("creds".into()),

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::stack::{node_plugin_token, start_controller_with_custody};
 use common::{
     AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
     install_crds, pod_token, server, test_namespace, wait_for_desc,
@@ -144,40 +145,8 @@ impl Fixture {
     async fn with_custody(prefix: &str) -> Self {
         let mut f = Self::bare(prefix).await;
         create_node(&f.client, &f.node).await;
-        create_service_account(&f.client, &f.ns, "node-plugin").await;
-        let plugin = create_pod(&f.client, &f.ns, "node-plugin", "node-plugin", &f.node).await;
-        let plugin_token = pod_token(
-            &f.client,
-            &f.ns,
-            "node-plugin",
-            "node-plugin",
-            &plugin.uid().unwrap(),
-            AUDIENCE,
-            3600,
-        )
-        .await;
-        let controller = ControllerProcess::start(
-            &f.ns,
-            &[
-                "--custody-listen",
-                "127.0.0.1:0",
-                "--custody-plaintext",
-                "--node-service-account",
-                &format!("{}/node-plugin", f.ns),
-                "--status-flush-ms",
-                "200",
-            ],
-        );
-        let line = controller
-            .wait_for_log(|l| l.contains("custody_addr"), WAIT)
-            .await;
-        let addr = serde_json::from_str::<Value>(&line).unwrap()["custody_addr"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        controller
-            .wait_for_log(|l| l.contains("caches synced"), WAIT)
-            .await;
+        let plugin_token = node_plugin_token(&f.client, &f.ns, &f.node).await;
+        let (controller, addr) = start_controller_with_custody(&f.ns, &[]).await;
         f.custody = Some((controller, addr, plugin_token));
         f
     }

@@ -8,16 +8,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::objects::{create_grant, create_identity, create_secret, expired_token, key};
+use common::stack::{
+    NodePluginProcess, node_plugin_dir, node_plugin_token, start_controller_with_custody,
+    unmount_below,
+};
 use common::{
     AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
-    install_crds, pod_token, server, test_namespace, wait_for_desc,
+    install_crds, pod_token, test_namespace, wait_for_desc,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -28,29 +30,6 @@ use scopehold::demo::kubelet::{KubeletPlayer, PodInfo};
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// The node plugin as a child process; unmounts whatever it left on drop.
-struct NodePlugin {
-    child: Child,
-    log: PathBuf,
-    dir: PathBuf,
-}
-
-impl NodePlugin {
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for NodePlugin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for target in mounts_below(&self.dir) {
-            let _ = Command::new("umount").arg(&target).status();
-        }
-    }
-}
 
 /// Mount points below `dir`, deepest first.
 fn mounts_below(dir: &Path) -> Vec<String> {
@@ -81,9 +60,15 @@ struct Stack {
     ns: String,
     node: String,
     controller: ControllerProcess,
-    plugin: NodePlugin,
+    plugin: NodePluginProcess,
     kubelet: KubeletPlayer,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        unmount_below(self.dir.path());
+    }
 }
 
 impl Stack {
@@ -93,91 +78,22 @@ impl Stack {
         let ns = test_namespace(&client, prefix).await;
         let node = format!("{ns}-node");
         create_node(&client, &node).await;
-        create_service_account(&client, &ns, "node-plugin").await;
-        let plugin_pod = create_pod(&client, &ns, "node-plugin", "node-plugin", &node).await;
-        let plugin_token = pod_token(
-            &client,
-            &ns,
-            "node-plugin",
-            "node-plugin",
-            &plugin_pod.uid().unwrap(),
-            AUDIENCE,
-            3600,
-        )
-        .await;
-        let controller = ControllerProcess::start(
-            &ns,
-            &[
-                "--custody-listen",
-                "127.0.0.1:0",
-                "--custody-plaintext",
-                "--node-service-account",
-                &format!("{ns}/node-plugin"),
-            ],
+        let plugin_token = node_plugin_token(&client, &ns, &node).await;
+        let (controller, custody) = start_controller_with_custody(&ns, &[]).await;
+        let dir = node_plugin_dir(&plugin_token);
+        let plugin = NodePluginProcess::start(dir.path(), &node, &custody, "node.log").await;
+        let kubelet = KubeletPlayer::new(
+            NodePluginProcess::socket(dir.path()),
+            NodePluginProcess::kubelet_dir(dir.path()),
         );
-        let line = controller
-            .wait_for_log(|l| l.contains("custody_addr"), WAIT)
-            .await;
-        let custody = serde_json::from_str::<serde_json::Value>(&line).unwrap()["custody_addr"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        controller
-            .wait_for_log(|l| l.contains("caches synced"), WAIT)
-            .await;
-
-        let dir = tempfile::Builder::new()
-            .prefix("scopehold-resolve-")
-            .tempdir_in(&server().run_dir)
-            .unwrap();
-        let token_file = dir.path().join("token");
-        std::fs::write(&token_file, &plugin_token).unwrap();
-        let socket = dir.path().join("csi.sock");
-        let kubelet_dir = dir.path().join("kubelet");
-        let log = dir.path().join("node.log");
-        let out = File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_scopehold"))
-            .arg("node")
-            .arg("--endpoint")
-            .arg(format!("unix://{}", socket.display()))
-            .args([
-                "--node-name",
-                &node,
-                "--custody-endpoint",
-                &format!("http://{custody}"),
-                "--custody-plaintext",
-            ])
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--kubelet-dir")
-            .arg(&kubelet_dir)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--scratch-dir")
-            .arg(dir.path().join("scratch"))
-            .args(["--log-format", "json"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .unwrap();
-        let plugin = NodePlugin {
-            child,
-            log,
-            dir: dir.path().to_owned(),
-        };
-        wait_for_desc("node plugin socket", WAIT, async || {
-            socket.exists().then_some(())
-        })
-        .await;
         Stack {
             client,
             ns,
             node,
             controller,
             plugin,
-            kubelet: KubeletPlayer::new(socket, kubelet_dir),
-            _dir: dir,
+            kubelet,
+            dir,
         }
     }
 
@@ -627,5 +543,5 @@ async fn hostile_requests_touch_nothing_outside_the_target() {
         "a hostile request created a path outside the kubelet dir"
     );
     assert!(!s.kubelet.target_path(&pod.uid, "creds").exists());
-    assert!(mounts_below(&s.plugin.dir).is_empty());
+    assert!(mounts_below(s.dir.path()).is_empty());
 }

@@ -11,16 +11,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::stack::{
+    NodePluginProcess, node_plugin_dir, node_plugin_token, start_controller_with_custody,
+    unmount_below,
+};
 use common::{
     AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
-    install_crds, pod_token, server, test_namespace, wait_for_desc,
+    install_crds, pod_token, test_namespace, wait_for_desc,
 };
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -41,58 +43,13 @@ const WAIT: Duration = Duration::from_secs(20);
 const DEADLINE: Duration = Duration::from_secs(2);
 const VOLUME: &str = "creds";
 
-/// A `scopehold node` process. Killing it leaves its mounts in place (as a
-/// crash would); the [`Stack`] unmounts everything at the end.
-struct NodePlugin {
-    child: Child,
-    log: PathBuf,
-}
-
-impl NodePlugin {
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The node plugin's JSON audit lines.
-    fn audit_lines(&self) -> Vec<serde_json::Value> {
-        self.logs()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["target"] == "audit")
-            .collect()
-    }
-
-    /// SIGKILL, as in a crash.
-    fn kill(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.logs()
-    }
-}
-
-impl Drop for NodePlugin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let logs = self.logs();
-            let lines: Vec<&str> = logs.lines().collect();
-            eprintln!(
-                "--- last lines of node plugin log {} ---\n{}",
-                self.log.display(),
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            );
-        }
-    }
-}
-
 struct Stack {
     client: Client,
     ns: String,
     node: String,
     controller: Option<ControllerProcess>,
     custody: String,
-    plugin: Option<NodePlugin>,
+    plugin: Option<NodePluginProcess>,
     starts: usize,
     kubelet: KubeletPlayer,
     socket: PathBuf,
@@ -101,19 +58,9 @@ struct Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        // Killing the plugin leaves its mounts in place, as a crash would.
         self.plugin.take();
-        // Deepest first.
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let prefix = self.dir.path().to_string_lossy().into_owned();
-        let mut points: Vec<&str> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|p| p.starts_with(&prefix))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for point in points {
-            let _ = Command::new("umount").args(["-l", point]).status();
-        }
+        unmount_below(self.dir.path());
     }
 }
 
@@ -130,26 +77,10 @@ impl Stack {
         let ns = test_namespace(&client, prefix).await;
         let node = format!("{ns}-node");
         create_node(&client, &node).await;
-        create_service_account(&client, &ns, "node-plugin").await;
-        let plugin_pod = create_pod(&client, &ns, "node-plugin", "node-plugin", &node).await;
-        let plugin_token = pod_token(
-            &client,
-            &ns,
-            "node-plugin",
-            "node-plugin",
-            &plugin_pod.uid().unwrap(),
-            AUDIENCE,
-            3600,
-        )
-        .await;
+        let plugin_token = node_plugin_token(&client, &ns, &node).await;
         let (controller, custody) = start_controller(&ns).await;
-        let dir = tempfile::Builder::new()
-            // Short: a unix socket path has at most 107 bytes.
-            .prefix("rv-")
-            .tempdir_in(&server().run_dir)
-            .unwrap();
-        std::fs::write(dir.path().join("token"), &plugin_token).unwrap();
-        let socket = dir.path().join("csi.sock");
+        let dir = node_plugin_dir(&plugin_token);
+        let socket = NodePluginProcess::socket(dir.path());
         let kubelet = KubeletPlayer::new(&socket, dir.path().join("kubelet"));
         let mut stack = Stack {
             client,
@@ -170,45 +101,13 @@ impl Stack {
     /// Starts `scopehold node` on the stack's directories (again, after a
     /// kill: same socket, kubelet dir, state dir) and waits for its socket.
     async fn start_plugin(&mut self) {
-        let dir = self.dir.path();
-        let _ = std::fs::remove_file(&self.socket);
-        let log = dir.join(format!("node-{}.log", self.starts));
+        let log = format!("node-{}.log", self.starts);
         self.starts += 1;
-        let out = File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_scopehold"))
-            .arg("node")
-            .arg("--endpoint")
-            .arg(format!("unix://{}", self.socket.display()))
-            .args([
-                "--node-name",
-                &self.node,
-                "--custody-endpoint",
-                &format!("http://{}", self.custody),
-                "--custody-plaintext",
-            ])
-            .arg("--token-file")
-            .arg(dir.join("token"))
-            .arg("--kubelet-dir")
-            .arg(dir.join("kubelet"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--scratch-dir")
-            .arg(dir.join("scratch"))
-            .args(["--log-format", "json"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .unwrap();
-        self.plugin = Some(NodePlugin { child, log });
-        let socket = self.socket.clone();
-        wait_for_desc("node plugin socket", WAIT, async || {
-            socket.exists().then_some(())
-        })
-        .await;
+        self.plugin =
+            Some(NodePluginProcess::start(self.dir.path(), &self.node, &self.custody, &log).await);
     }
 
-    fn plugin(&self) -> &NodePlugin {
+    fn plugin(&self) -> &NodePluginProcess {
         self.plugin.as_ref().expect("node plugin running")
     }
 
@@ -422,29 +321,7 @@ impl Stack {
 }
 
 async fn start_controller(ns: &str) -> (ControllerProcess, String) {
-    let controller = ControllerProcess::start(
-        ns,
-        &[
-            "--custody-listen",
-            "127.0.0.1:0",
-            "--custody-plaintext",
-            "--node-service-account",
-            &format!("{ns}/node-plugin"),
-            "--status-flush-ms",
-            "200",
-        ],
-    );
-    let line = controller
-        .wait_for_log(|l| l.contains("custody_addr"), WAIT)
-        .await;
-    let custody = serde_json::from_str::<serde_json::Value>(&line).unwrap()["custody_addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    controller
-        .wait_for_log(|l| l.contains("caches synced"), WAIT)
-        .await;
-    (controller, custody)
+    start_controller_with_custody(ns, &[]).await
 }
 
 /// A value unique to this namespace and Secret.

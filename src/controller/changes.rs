@@ -158,8 +158,15 @@ mod tests {
             conflict: false,
         };
         assert_eq!(identity_change(Some(&base), &base.clone()), None);
-        let capped = IdentitySnapshot { generation: Some(2), ..base.clone() };
-        assert_eq!(identity_change(Some(&base), &capped), Some(ChangeKind::Changed), "a spec edit such as maxGrantTTL");
+        let capped = IdentitySnapshot {
+            generation: Some(2),
+            ..base.clone()
+        };
+        assert_eq!(
+            identity_change(Some(&base), &capped),
+            Some(ChangeKind::Changed),
+            "a spec edit such as maxGrantTTL"
+        );
         let suspended = IdentitySnapshot {
             suspended: true,
             ..base.clone()
