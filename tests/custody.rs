@@ -477,6 +477,52 @@ async fn denials_are_refused_audited_and_recorded() {
 /// A grant can only name a Secret in its own namespace: a Secret of that name
 /// in another namespace is not found, and a pod in another namespace is not
 /// the agent even with the same ServiceAccount name.
+/// Requests that are malformed (not merely denied) are refused as invalid
+/// arguments before any API call, and a well-formed request right after them
+/// still resolves: a bad request loses nothing.
+#[tokio::test]
+async fn malformed_requests_are_invalid_and_change_nothing() {
+    let f = Fixture::new("custody-malformed").await;
+    f.secret(&f.ns, "creds", &[("api", "custody-malformed-value")])
+        .await;
+    f.identity("bot", "bot-sa", false).await;
+    f.grant("g", "bot", "creds", vec![key("api")], |_| {}).await;
+    f.await_phase("g", GrantPhase::Active).await;
+    let pod = f.pod("agent", "bot-sa", &f.node.clone()).await;
+
+    type Edit = fn(&mut ResolveRequest);
+    let cases: [(&str, Edit); 6] = [
+        ("no token", |r| r.pod_token.clear()),
+        ("no pod name", |r| r.pod_name.clear()),
+        ("no pod UID", |r| r.pod_uid.clear()),
+        ("a path as pod name", |r| {
+            r.pod_name = "../../secrets/creds".into()
+        }),
+        ("a subresource as pod name", |r| {
+            r.pod_name = "agent/status".into()
+        }),
+        ("an upper-case namespace", |r| {
+            r.pod_namespace = "Kube-System".into()
+        }),
+    ];
+    for (what, edit) in cases {
+        let mut req = f.request(&pod);
+        edit(&mut req);
+        let status = f.resolve(req).await.expect_err(what);
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+        assert!(
+            !status.message().contains(&pod.token),
+            "{what}: the token is in the message"
+        );
+    }
+    let response = f.resolve(f.request(&pod)).await.expect("resolved");
+    assert_eq!(response.grants.len(), 1);
+    assert_eq!(
+        response.grants[0].files[0].content,
+        b"custody-malformed-value"
+    );
+}
+
 #[tokio::test]
 async fn no_cross_namespace_access() {
     let f = Fixture::new("custody-xns").await;

@@ -2,6 +2,7 @@
 //! out only the keys that the pod's agent is granted right now. It runs in the
 //! controller process (every replica) and is called by the node plugins.
 
+pub mod caller_cache;
 pub mod decide;
 pub mod invalidations;
 pub mod resolutions;

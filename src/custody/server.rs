@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -11,6 +12,7 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use tonic::{Request, Response, Status};
 
+use super::caller_cache::CallerCache;
 use super::decide::{self, Denial, DenyReason, GrantedFile, PodAsk};
 use super::invalidations::{self, InvalidationStream};
 use super::resolutions::ResolutionLog;
@@ -19,6 +21,7 @@ use crate::api::grant::Resolution;
 use crate::api::{AgentIdentity, SecretGrant, TOKEN_AUDIENCE};
 use crate::audit::{AuditRecord, Decision};
 use crate::caches::Caches;
+use crate::csi::volume_context::{is_dns1123_label, is_dns1123_subdomain};
 use crate::policy::evaluate::{AgentState, GrantEvaluation, SecretState, evaluate_grant};
 use crate::policy::index::grants_of_agent;
 use crate::proto::scopehold::v1 as pb;
@@ -53,6 +56,7 @@ pub struct CustodyService {
     node_account: NodePluginAccount,
     resolutions: Arc<ResolutionLog>,
     request_seq: AtomicU64,
+    callers: CallerCache,
 }
 
 impl CustodyService {
@@ -70,6 +74,7 @@ impl CustodyService {
             node_account,
             resolutions,
             request_seq: AtomicU64::new(0),
+            callers: CallerCache::default(),
         }
     }
 
@@ -95,6 +100,9 @@ impl CustodyService {
             .and_then(|v| v.strip_prefix("Bearer "))
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Status::unauthenticated("missing bearer token of the node plugin"))?;
+        if let Some(node) = self.callers.node_of(token, Instant::now()) {
+            return Ok(node);
+        }
         let claims = token_review::review(&self.client, token, TOKEN_AUDIENCE)
             .await
             .map_err(|e| match e {
@@ -111,9 +119,11 @@ impl CustodyService {
                 claims.namespace, claims.service_account
             )));
         }
-        claims.node_name.ok_or_else(|| {
+        let node = claims.node_name.ok_or_else(|| {
             Status::permission_denied("node plugin token is not bound to a pod on a node")
-        })
+        })?;
+        self.callers.remember(token, &node, Instant::now());
+        Ok(node)
     }
 
     async fn resolve_inner(
@@ -146,15 +156,23 @@ impl CustodyService {
                 "custody caches are not synced yet".into(),
             ));
         }
-        let claims: TokenClaims =
-            token_review::review(&self.client, &req.pod_token, TOKEN_AUDIENCE)
-                .await
-                .map_err(|e| match e {
-                    ReviewError::Api(_) => {
-                        Refusal::Unavailable(format!("verifying the pod token: {e}"))
-                    }
-                    other => Refusal::denied(DenyReason::TokenRejected, other.to_string()),
-                })?;
+        if !is_dns1123_label(&req.pod_namespace) || !is_dns1123_subdomain(&req.pod_name) {
+            return Err(Refusal::Invalid(
+                "pod_namespace and pod_name must be Kubernetes object names".into(),
+            ));
+        }
+        // The review and the Pod read are independent round trips: run them
+        // together. The Pod is read by the requested name, which the claims
+        // check below ties to the token before the Pod is looked at.
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &req.pod_namespace);
+        let (review, pod) = tokio::join!(
+            token_review::review(&self.client, &req.pod_token, TOKEN_AUDIENCE),
+            pods.get_opt(&req.pod_name),
+        );
+        let claims: TokenClaims = review.map_err(|e| match e {
+            ReviewError::Api(_) => Refusal::Unavailable(format!("verifying the pod token: {e}")),
+            other => Refusal::denied(DenyReason::TokenRejected, other.to_string()),
+        })?;
         let ask = PodAsk {
             namespace: &req.pod_namespace,
             name: &req.pod_name,
@@ -162,7 +180,8 @@ impl CustodyService {
             service_account: &req.service_account_name,
         };
         decide::check_pod_claims(&claims, &ask, node).map_err(Refusal::Denied)?;
-        self.check_pod_object(&claims, node).await?;
+        let pod = pod.map_err(|e| Refusal::Unavailable(format!("reading the pod: {e}")))?;
+        check_pod_object(&claims, pod, node)?;
 
         let identities = self.caches.identities.state();
         let identity =
@@ -221,48 +240,6 @@ impl CustodyService {
             .map(|at| u32::try_from(at.duration_since(now).as_secs().max(0)).unwrap_or(u32::MAX))
             .unwrap_or(0);
         Ok(response)
-    }
-
-    /// The token review is cached by the API server for a few seconds, so a
-    /// deleted pod's token still passes; the Pod object itself must exist with
-    /// the same UID, ServiceAccount and node.
-    async fn check_pod_object(&self, claims: &TokenClaims, node: &str) -> Result<(), Refusal> {
-        let name = claims.pod_name.as_deref().unwrap_or_default();
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &claims.namespace);
-        let pod = api
-            .get_opt(name)
-            .await
-            .map_err(|e| Refusal::Unavailable(format!("reading the pod: {e}")))?
-            .ok_or_else(|| {
-                Refusal::denied(
-                    DenyReason::PodNotFound,
-                    format!("pod {name:?} does not exist"),
-                )
-            })?;
-        if pod.metadata.uid.as_deref() != claims.pod_uid.as_deref() {
-            return Err(Refusal::denied(
-                DenyReason::PodNotFound,
-                format!("pod {name:?} was replaced (UID differs)"),
-            ));
-        }
-        let spec = pod.spec.unwrap_or_default();
-        let pod_node = spec.node_name.unwrap_or_default();
-        if pod_node != node {
-            return Err(Refusal::denied(
-                DenyReason::WrongNode,
-                format!("pod {name:?} runs on node {pod_node:?}, not on the calling node {node:?}"),
-            ));
-        }
-        let pod_sa = spec
-            .service_account_name
-            .unwrap_or_else(|| "default".to_owned());
-        if pod_sa != claims.service_account {
-            return Err(Refusal::denied(
-                DenyReason::TokenMismatch,
-                "pod runs as another ServiceAccount",
-            ));
-        }
-        Ok(())
     }
 
     fn audit_resolved(
@@ -620,6 +597,43 @@ fn denial_status(denial: &Denial) -> Status {
         DenyReason::TokenRejected => Status::unauthenticated(message),
         _ => Status::permission_denied(message),
     }
+}
+
+/// The token review is cached by the API server for a few seconds, so a
+/// deleted pod's token still passes; the Pod object itself must exist with
+/// the same UID, ServiceAccount and node.
+fn check_pod_object(claims: &TokenClaims, pod: Option<Pod>, node: &str) -> Result<(), Refusal> {
+    let name = claims.pod_name.as_deref().unwrap_or_default();
+    let pod = pod.ok_or_else(|| {
+        Refusal::denied(
+            DenyReason::PodNotFound,
+            format!("pod {name:?} does not exist"),
+        )
+    })?;
+    if pod.metadata.uid.as_deref() != claims.pod_uid.as_deref() {
+        return Err(Refusal::denied(
+            DenyReason::PodNotFound,
+            format!("pod {name:?} was replaced (UID differs)"),
+        ));
+    }
+    let spec = pod.spec.unwrap_or_default();
+    let pod_node = spec.node_name.unwrap_or_default();
+    if pod_node != node {
+        return Err(Refusal::denied(
+            DenyReason::WrongNode,
+            format!("pod {name:?} runs on node {pod_node:?}, not on the calling node {node:?}"),
+        ));
+    }
+    let pod_sa = spec
+        .service_account_name
+        .unwrap_or_else(|| "default".to_owned());
+    if pod_sa != claims.service_account {
+        return Err(Refusal::denied(
+            DenyReason::TokenMismatch,
+            "pod runs as another ServiceAccount",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
