@@ -30,6 +30,7 @@ pub mod controller;
 pub mod converge;
 pub mod expiry;
 pub mod identity;
+pub mod known_mounts;
 pub mod locks;
 pub mod mounter;
 pub mod node;

@@ -39,7 +39,8 @@
 //! Our mounts are recognised in `/proc/self/mountinfo` by file system type
 //! `tmpfs` and source [`TMPFS_SOURCE`]. Mounting over one of ours does
 //! nothing (never stacks); mounting over anything else is refused. Callers
-//! serialise operations per target.
+//! serialise operations per target. [`Mounter::probe`] avoids the scan when
+//! `statx` can answer (see [`super::known_mounts`]).
 
 use std::ffi::OsStr;
 use std::fmt;
@@ -52,8 +53,12 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::Arc;
+
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
+
+use super::known_mounts::{KnownMounts, mount_identity};
 
 /// The mount source name that marks a tmpfs as ScopeHold's.
 pub const TMPFS_SOURCE: &str = "scopehold";
@@ -103,6 +108,16 @@ pub enum UnmountOutcome {
     Unmounted,
     /// The target was not mounted (or does not exist).
     NotMounted,
+}
+
+/// What is mounted at a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountState {
+    NotMounted,
+    /// Our tmpfs.
+    Ours,
+    /// Something else (described by its mountinfo line).
+    Foreign(MountInfoEntry),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -319,6 +334,8 @@ fn sys_error(op: &'static str, path: &Path) -> impl FnOnce(Errno) -> MountError 
 #[derive(Debug, Clone)]
 pub struct Mounter {
     scratch_dir: PathBuf,
+    /// Shared by the clones (one per blocking task).
+    known: Arc<KnownMounts>,
 }
 
 impl Mounter {
@@ -328,6 +345,7 @@ impl Mounter {
     pub fn new(scratch_dir: impl Into<PathBuf>) -> Self {
         Self {
             scratch_dir: scratch_dir.into(),
+            known: Arc::default(),
         }
     }
 
@@ -345,12 +363,10 @@ impl Mounter {
             Err(error) => return Err(io_error("create", target)(error)),
         }
         let target = checked_directory(target)?;
-        if let Some(existing) = self.mount_at(&target)? {
-            return if existing.is_scopehold_tmpfs() {
-                Ok(MountOutcome::AlreadyMounted)
-            } else {
-                Err(foreign_mount(&target, &existing))
-            };
+        match self.probe(&target)? {
+            MountState::Ours => return Ok(MountOutcome::AlreadyMounted),
+            MountState::Foreign(existing) => return Err(foreign_mount(&target, &existing)),
+            MountState::NotMounted => {}
         }
         nix::mount::mount(
             Some(TMPFS_SOURCE),
@@ -360,6 +376,10 @@ impl Mounter {
             Some(options.mount_data().as_str()),
         )
         .map_err(sys_error("mount tmpfs at", &target))?;
+        // We made it, under the caller's per-target lock: it is ours.
+        if let Some(unique_id) = mount_identity(&target).and_then(|id| id.unique_id) {
+            self.known.remember(&target, unique_id);
+        }
         Ok(MountOutcome::Mounted)
     }
 
@@ -441,13 +461,12 @@ impl Mounter {
         };
         let mut outcome = UnmountOutcome::NotMounted;
         for _ in 0..MAX_STACKED_UNMOUNTS {
-            match self.mount_at(&target)? {
-                None => return Ok(outcome),
-                Some(existing) if !existing.is_scopehold_tmpfs() => {
-                    return Err(foreign_mount(&target, &existing));
-                }
-                Some(_) => {
+            match self.probe(&target)? {
+                MountState::NotMounted => return Ok(outcome),
+                MountState::Foreign(existing) => return Err(foreign_mount(&target, &existing)),
+                MountState::Ours => {
                     nix::mount::umount2(&target, flags).map_err(sys_error("unmount", &target))?;
+                    self.known.forget(&target);
                     outcome = UnmountOutcome::Unmounted;
                 }
             }
@@ -457,25 +476,66 @@ impl Mounter {
 
     /// The mount visible at exactly `path` (after resolving symlinks in its
     /// parents), or `None` when `path` is not a mount point or does not exist.
+    /// Always scans mountinfo; [`probe`](Self::probe) is the cheap question.
     pub fn mount_at(&self, path: &Path) -> Result<Option<MountInfoEntry>, MountError> {
-        let canonical = match fs::canonicalize(path) {
-            Ok(canonical) => canonical,
-            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => return Err(io_error("resolve", path)(error)),
+        let Some(canonical) = canonical_or_missing(path)? else {
+            return Ok(None);
         };
+        self.known.count_scan();
         let entries = read_mountinfo()?;
         Ok(topmost_mount_at(&entries, &canonical).cloned())
     }
 
+    /// What is mounted at exactly `path`: as [`mount_at`](Self::mount_at)
+    /// would tell, but without scanning mountinfo when `statx` shows that
+    /// `path` is no mount point, or is the mount of ours last seen there.
+    pub fn probe(&self, path: &Path) -> Result<MountState, MountError> {
+        let Some(canonical) = canonical_or_missing(path)? else {
+            return Ok(MountState::NotMounted);
+        };
+        let before = mount_identity(&canonical);
+        if let Some(identity) = before {
+            if identity.is_mount_root == Some(false) {
+                return Ok(MountState::NotMounted);
+            }
+            if let Some(unique_id) = identity.unique_id
+                && self.known.is_ours(&canonical, unique_id)
+            {
+                return Ok(MountState::Ours);
+            }
+        }
+        self.known.count_scan();
+        let entries = read_mountinfo()?;
+        let state = match topmost_mount_at(&entries, &canonical) {
+            None => MountState::NotMounted,
+            Some(entry) if entry.is_scopehold_tmpfs() => MountState::Ours,
+            Some(entry) => MountState::Foreign(entry.clone()),
+        };
+        // Remember it only if the same mount was there before and after the
+        // scan (unique IDs are never reused), so the scan described it.
+        if state == MountState::Ours
+            && let Some(unique_id) = before.and_then(|id| id.unique_id)
+            && mount_identity(&canonical).and_then(|id| id.unique_id) == Some(unique_id)
+        {
+            self.known.remember(&canonical, unique_id);
+        }
+        Ok(state)
+    }
+
     pub fn is_mount_point(&self, path: &Path) -> Result<bool, MountError> {
-        Ok(self.mount_at(path)?.is_some())
+        Ok(self.probe(path)? != MountState::NotMounted)
+    }
+
+    /// Mountinfo scans this mounter (and its clones) made so far.
+    pub fn mountinfo_scans(&self) -> u64 {
+        self.known.scans()
     }
 
     fn require_ours(&self, target: &Path) -> Result<(), MountError> {
-        match self.mount_at(target)? {
-            Some(existing) if existing.is_scopehold_tmpfs() => Ok(()),
-            Some(existing) => Err(foreign_mount(target, &existing)),
-            None => Err(MountError::NotMounted {
+        match self.probe(target)? {
+            MountState::Ours => Ok(()),
+            MountState::Foreign(existing) => Err(foreign_mount(target, &existing)),
+            MountState::NotMounted => Err(MountError::NotMounted {
                 path: target.to_path_buf(),
             }),
         }
@@ -593,6 +653,15 @@ fn checked_directory(path: &Path) -> Result<PathBuf, MountError> {
         });
     }
     fs::canonicalize(path).map_err(io_error("resolve", path))
+}
+
+/// `path` resolved, or `None` when it does not exist.
+fn canonical_or_missing(path: &Path) -> Result<Option<PathBuf>, MountError> {
+    match fs::canonicalize(path) {
+        Ok(canonical) => Ok(Some(canonical)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(io_error("resolve", path)(error)),
+    }
 }
 
 fn read_mountinfo() -> Result<Vec<MountInfoEntry>, MountError> {
@@ -808,6 +877,100 @@ mod tests {
                 .unmount(&fixture.root.path().join("missing"), UnmountMode::Normal)?,
             UnmountOutcome::NotMounted
         );
+        Ok(())
+    }
+
+    /// The publish sequence (probe, mount, read-only, writable view) and
+    /// unpublish need no mountinfo scan when statx can answer (Linux 6.8+,
+    /// as on the machines these tests run on).
+    #[test]
+    fn a_publish_and_unpublish_cycle_scans_no_mountinfo() -> TestResult {
+        let fixture = Fixture::new()?;
+        let target = fixture.target();
+        let mounter = &fixture.mounter;
+        let scans = mounter.mountinfo_scans();
+        assert_eq!(mounter.probe(&target)?, MountState::NotMounted);
+        mounter.mount_tmpfs(&target, &SMALL)?;
+        mounter.set_read_only(&target, true)?;
+        let view = mounter.detached_view(&target)?;
+        assert_eq!(
+            mounter.mount_tmpfs(&target, &SMALL)?,
+            MountOutcome::AlreadyMounted
+        );
+        assert_eq!(mounter.probe(&target)?, MountState::Ours);
+        assert_eq!(
+            mounter.mountinfo_scans(),
+            scans,
+            "publish scanned mountinfo"
+        );
+        drop(view);
+        assert_eq!(
+            mounter.unmount(&target, UnmountMode::Normal)?,
+            UnmountOutcome::Unmounted
+        );
+        assert_eq!(
+            mounter.mountinfo_scans(),
+            scans,
+            "unpublish scanned mountinfo"
+        );
+        // The cheap answers agree with a scan.
+        assert_eq!(mounter.mount_at(&target)?, None);
+        Ok(())
+    }
+
+    /// A mount the mounter did not make (or no longer has) is classified by
+    /// a scan, never taken for ours: one stacked on ours, one that replaced
+    /// ours, and ours made by another mounter (as after a plugin restart).
+    #[test]
+    fn mounts_it_does_not_know_are_classified_by_a_scan() -> TestResult {
+        let fixture = Fixture::new()?;
+        let target = fixture.target();
+        let mounter = &fixture.mounter;
+        mounter.mount_tmpfs(&target, &SMALL)?;
+
+        // Restart: a fresh mounter scans once, then knows the mount.
+        let restarted = Mounter::new(fixture.root.path().join("scratch"));
+        assert_eq!(restarted.probe(&target)?, MountState::Ours);
+        assert_eq!(restarted.mountinfo_scans(), 1);
+        assert_eq!(restarted.probe(&target)?, MountState::Ours);
+        assert_eq!(restarted.mountinfo_scans(), 1);
+
+        // Something stacked on ours.
+        nix::mount::mount(
+            Some("not-scopehold"),
+            &target,
+            Some("tmpfs"),
+            SECURITY_FLAGS,
+            Some("size=64k"),
+        )?;
+        assert!(matches!(mounter.probe(&target)?, MountState::Foreign(_)));
+        assert!(matches!(
+            mounter.set_read_only(&target, true),
+            Err(MountError::ForeignMount { .. })
+        ));
+        assert!(matches!(
+            mounter.unmount(&target, UnmountMode::Normal),
+            Err(MountError::ForeignMount { .. })
+        ));
+        nix::mount::umount2(&target, MntFlags::empty())?;
+        assert_eq!(mounter.probe(&target)?, MountState::Ours);
+
+        // Ours replaced behind the mounter's back by a foreign tmpfs.
+        nix::mount::umount2(&target, MntFlags::empty())?;
+        assert_eq!(mounter.probe(&target)?, MountState::NotMounted);
+        nix::mount::mount(
+            Some("not-scopehold"),
+            &target,
+            Some("tmpfs"),
+            SECURITY_FLAGS,
+            Some("size=64k"),
+        )?;
+        assert!(matches!(mounter.probe(&target)?, MountState::Foreign(_)));
+        assert!(matches!(
+            mounter.writable_view(&target),
+            Err(MountError::ForeignMount { .. })
+        ));
+        nix::mount::umount2(&target, MntFlags::empty())?;
         Ok(())
     }
 

@@ -41,7 +41,7 @@ use tonic::{Code, Request, Response, Status};
 use super::atomic_writer::{AtomicWriteError, FileContent, Payload, WriteOutcome};
 use super::converge::WorkQueue;
 use super::locks::KeyedLocks;
-use super::mounter::{MountError, Mounter, TmpfsOptions, UnmountMode};
+use super::mounter::{MountError, MountState, Mounter, TmpfsOptions, UnmountMode};
 use super::registry::{
     PodRef, PublishedGrant, PublishedVolume, REGISTRY_FORMAT_VERSION, Registry, RegistryError,
 };
@@ -700,10 +700,10 @@ impl<R: Resolver> NodeService<R> {
                 move || {
                     let existing =
                         load_entry(&registry, &volume_id).map_err(PublishError::Registry)?;
-                    let mounted = match mounter.mount_at(&target).map_err(PublishError::Mount)? {
-                        None => false,
-                        Some(entry) if entry.is_scopehold_tmpfs() => true,
-                        Some(entry) => {
+                    let mounted = match mounter.probe(&target).map_err(PublishError::Mount)? {
+                        MountState::NotMounted => false,
+                        MountState::Ours => true,
+                        MountState::Foreign(entry) => {
                             return Err(PublishError::Mount(MountError::ForeignMount {
                                 path: target,
                                 fs_type: entry.fs_type,

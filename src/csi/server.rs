@@ -14,7 +14,7 @@ use tokio::net::UnixListener;
 
 use super::controller::ControllerCapabilitiesServer;
 use super::identity::{DRIVER_NAME, IdentityService};
-use super::mounter::Mounter;
+use super::mounter::{MountState, Mounter};
 use super::node::{NodeConfig, NodeService, new_request_id};
 use super::push::PushState;
 use super::registry::{Registry, RegistryError};
@@ -263,8 +263,10 @@ pub async fn run(
     // their expiries are timed again.
     let mut tracked = 0_usize;
     for volume in loaded.volumes {
-        match mounter.mount_at(&volume.target_path) {
-            Ok(Some(mount)) if mount.is_scopehold_tmpfs() => {
+        // The first probe of each target scans mountinfo and teaches the
+        // mounter the mount, so later publishes and unpublishes need no scan.
+        match mounter.probe(&volume.target_path) {
+            Ok(MountState::Ours) => {
                 node.volumes().upsert(volume, TokenUpdate::Clear);
                 tracked += 1;
             }
