@@ -31,6 +31,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -54,6 +57,7 @@ use scopehold::api::{
     AgentIdentity, AgentIdentitySpec, GrantPhase, GrantedKey, SecretGrant, SecretGrantSpec,
 };
 use serde::Deserialize as _;
+use support::{cpu_seconds, tail};
 
 /// The controller's server-side-apply field manager.
 const CONTROLLER_MANAGER: &str = "scopehold-controller";
@@ -333,27 +337,6 @@ impl Drop for Controller {
     }
 }
 
-/// CPU time (user + system) a process has used so far, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    let ticks = *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    });
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let field = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
-    (field(14).unwrap_or(0.0) + field(15).unwrap_or(0.0)) / ticks
-}
-
 /// CPU seconds spent by the API server, the controller and this process
 /// (the benchmark's own polling) during one phase.
 #[derive(Clone, Copy, Debug, Default)]
@@ -371,11 +354,6 @@ impl CpuUse {
             self.apiserver, self.controller, self.bench, self.wall
         )
     }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// GET over a plain TCP stream: /metrics is one small HTTP/1.1 endpoint.

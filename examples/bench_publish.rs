@@ -45,6 +45,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::future::Future;
@@ -59,12 +62,9 @@ use k8s_openapi::api::authentication::v1::{
     BoundObjectReference, TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
 };
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, ServiceAccount};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::wait::{await_condition, conditions};
-use kube::{Client, Config, CustomResourceExt, ResourceExt};
+use kube::api::{Api, PostParams};
+use kube::{Client, ResourceExt};
 use scopehold::api::{
     AgentIdentity, AgentIdentitySpec, GrantPhase, GrantedKey, SecretGrant, SecretGrantSpec,
     TOKEN_AUDIENCE,
@@ -73,11 +73,12 @@ use scopehold::csi::atomic_writer::{AtomicWriter, FileContent, Payload};
 use scopehold::csi::mounter::{Mounter, TmpfsOptions, UnmountMode, parse_mountinfo};
 use scopehold::csi::registry::{PodRef, PublishedVolume, REGISTRY_FORMAT_VERSION, Registry};
 use scopehold::demo::kubelet::{KubeletPlayer, PodInfo, volume_id};
-use scopehold::demo::local;
+use scopehold::demo::local::{self, NodePluginLayout};
 use scopehold::proto::csi::v1 as csi;
 use scopehold::proto::scopehold::v1::ResolveRequest;
 use scopehold::proto::scopehold::v1::custody_client::CustodyClient;
 use serde_json::json;
+use support::{client_for, cpu_seconds, cpu_split, install_crds, meta, mounts_below, tail};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
@@ -313,11 +314,6 @@ impl Daemon {
     }
 }
 
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// VmRSS and VmHWM in MiB.
 fn memory_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
@@ -329,39 +325,6 @@ fn memory_mib(pid: u32) -> (f64, f64) {
             .map_or(f64::NAN, |kib| kib / 1024.0)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// User + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let (user, system) = cpu_split(pid);
-    user + system
-}
-
-/// User and system CPU seconds of a process so far.
-fn cpu_split(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // After the command name: state is field 3, utime 14, stime 15.
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) / clock_ticks(), ticks(12) / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
 }
 
 /// The API server is a child of this process running `binary` (start_apiserver
@@ -409,19 +372,6 @@ fn loadavg() -> String {
 // ---------------------------------------------------------------------------
 // Mounts.
 
-/// Mount points below `root`, deepest first.
-fn mounts_below(root: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read("/proc/self/mountinfo").expect("mountinfo");
-    let mut points: Vec<PathBuf> = parse_mountinfo(&text)
-        .expect("parse mountinfo")
-        .into_iter()
-        .map(|e| e.mount_point)
-        .filter(|p| p.starts_with(root))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    points
-}
-
 /// Detaches whatever is still mounted below the run's directory, also when
 /// the benchmark fails half-way.
 struct MountSweeper(PathBuf);
@@ -437,42 +387,6 @@ impl Drop for MountSweeper {
 
 // ---------------------------------------------------------------------------
 // Kubernetes objects.
-
-async fn client_for(kubeconfig: &Path) -> Client {
-    let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("kube config");
-    Client::try_from(config).expect("client")
-}
-
-async fn install_crds(client: &Client) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in [AgentIdentity::crd(), SecretGrant::crd()] {
-        let name = crd.name_any();
-        api.patch(
-            &name,
-            &PatchParams::apply("scopehold-bench").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .expect("apply CRD");
-        tokio::time::timeout(
-            WAIT,
-            await_condition(api.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .expect("CRD Established")
-        .expect("watching CRD");
-    }
-}
-
-fn meta(name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_owned()),
-        ..Default::default()
-    }
-}
 
 async fn create<K>(client: &Client, ns: Option<&str>, object: K) -> K
 where
@@ -1036,7 +950,7 @@ async fn main() {
     eprintln!("kube-apiserver ready at {}", apiserver.url);
     let client = client_for(&apiserver.kubeconfig).await;
     let version = client.apiserver_version().await.expect("version");
-    install_crds(&client).await;
+    install_crds(&client, WAIT).await;
     for ns in [NS, SYSTEM_NS] {
         Api::<Namespace>::all(client.clone())
             .create(
@@ -1109,30 +1023,9 @@ async fn main() {
     )
     .await;
     let node_token = bound_token(&client, SYSTEM_NS, NODE_SA, &plugin_pod).await;
-    let token_file = dir.join("node-token");
-    std::fs::write(&token_file, &node_token).expect("token file");
-    let kubelet_dir = dir.join("kubelet");
-    let socket = dir.join("csi.sock");
-    let node_args: Vec<String> = vec![
-        "node".into(),
-        "--endpoint".into(),
-        format!("unix://{}", socket.display()),
-        "--node-name".into(),
-        NODE.into(),
-        "--custody-endpoint".into(),
-        format!("http://{custody_addr}"),
-        "--custody-plaintext".into(),
-        "--token-file".into(),
-        token_file.display().to_string(),
-        "--kubelet-dir".into(),
-        kubelet_dir.display().to_string(),
-        "--state-dir".into(),
-        dir.join("node-state").display().to_string(),
-        "--scratch-dir".into(),
-        dir.join("node-scratch").display().to_string(),
-        "--log-format".into(),
-        "json".into(),
-    ];
+    let layout = NodePluginLayout::under(&dir);
+    std::fs::write(&layout.token_file, &node_token).expect("token file");
+    let node_args = layout.args(NODE, &custody_addr);
     let mut node = Daemon::spawn(
         &bin,
         &node_args,
@@ -1140,7 +1033,7 @@ async fn main() {
         dir.join("node.log"),
     );
     node.wait_for("CSI node plugin serving", WAIT).await;
-    let kubelet = KubeletPlayer::new(&socket, &kubelet_dir);
+    let kubelet = KubeletPlayer::new(&layout.socket, &layout.kubelet_dir);
 
     // --- The Secret, the identity and the grant.
     create(
@@ -1366,7 +1259,7 @@ async fn main() {
     let metrics_after = ApiMetrics::fetch(&client).await;
     conc.check("publish c=32");
     let conc_ok = verify_files(&kubelet, &conc_pods);
-    let mounted = mounts_below(&kubelet_dir).len();
+    let mounted = mounts_below(&layout.kubelet_dir).len();
     let node_mem = memory_mib(node.pid);
     let controller_mem = memory_mib(controller.pid);
     let load_during = loadavg();

@@ -31,6 +31,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -38,18 +41,16 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, ServiceAccount};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::wait::{await_condition, conditions};
-use kube::{Client, Config, CustomResourceExt, ResourceExt};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
 use scopehold::api::{
     AgentIdentity, AgentIdentitySpec, GrantPhase, GrantedKey, SecretGrant, SecretGrantSpec,
     TOKEN_AUDIENCE,
 };
 use scopehold::demo::kubelet::{KubeletPlayer, PodInfo};
-use scopehold::demo::local::{self, Process};
+use scopehold::demo::local::{self, NodePluginLayout, Process};
 use serde_json::json;
+use support::{client_for, cpu_seconds, install_crds, meta, mounts_below};
 
 const SYSTEM_NS: &str = "scopehold-system";
 const NODE_SA: &str = "scopehold-node";
@@ -61,56 +62,44 @@ const WAIT: Duration = Duration::from_secs(60);
 /// How long one event may take before the run is declared broken.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Rotation, revocation and reinstatement latency from the API write to the mount.
+#[derive(Debug, clap::Parser)]
 struct Args {
-    scopehold: PathBuf,
+    /// The `scopehold` binary (default: beside this example's directory,
+    /// `target/<profile>/scopehold`).
+    #[arg(long, env = "SCOPEHOLD_BIN")]
+    scopehold: Option<PathBuf>,
+    /// Events of each kind (rotate, revoke, reinstate) per scenario.
+    #[arg(long, default_value_t = 100)]
     events: usize,
-    poll: Option<Duration>,
+    /// Published volumes per scenario, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 200])]
     volumes: Vec<usize>,
+    /// Poll interval in ms (default: 2 with one volume, 5 with more).
+    #[arg(long = "poll-ms", value_parser = parse_millis)]
+    poll: Option<Duration>,
+    /// Keep the state directory (logs, etcd, registry).
+    #[arg(long)]
     keep: bool,
 }
 
-fn parse_args() -> Args {
-    let mut args = Args {
-        scopehold: std::env::var_os("SCOPEHOLD_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let exe = std::env::current_exe().expect("current exe");
-                // target/<profile>/examples/bench_revocation → target/<profile>/scopehold
-                exe.parent()
-                    .and_then(Path::parent)
-                    .map(|dir| dir.join("scopehold"))
-                    .expect("target directory")
-            }),
-        events: 100,
-        poll: None,
-        volumes: vec![1, 200],
-        keep: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--scopehold" => args.scopehold = it.next().expect("--scopehold PATH").into(),
-            "--events" => args.events = it.next().expect("--events N").parse().expect("N"),
-            "--volumes" => {
-                args.volumes = it
-                    .next()
-                    .expect("--volumes N,M")
-                    .split(',')
-                    .map(|n| n.parse().expect("a number"))
-                    .collect()
-            }
-            "--poll-ms" => {
-                args.poll = Some(Duration::from_millis(
-                    it.next().expect("--poll-ms N").parse().expect("N"),
-                ))
-            }
-            "--keep" => args.keep = true,
-            other => panic!(
-                "unknown argument {other:?}; use --scopehold PATH --events N --volumes 1,200 --poll-ms N --keep"
-            ),
-        }
+fn parse_millis(text: &str) -> Result<Duration, String> {
+    text.parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|e| format!("{text:?}: {e}"))
+}
+
+impl Args {
+    fn scopehold_bin(&self) -> PathBuf {
+        self.scopehold.clone().unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("current exe");
+            // target/<profile>/examples/bench_revocation → target/<profile>/scopehold
+            exe.parent()
+                .and_then(Path::parent)
+                .map(|dir| dir.join("scopehold"))
+                .expect("target directory")
+        })
     }
-    args
 }
 
 /// With SCOPEHOLD_BENCH_TRACE set, prints the wall-clock time of each event
@@ -139,42 +128,6 @@ fn summary(samples: &[Duration]) -> String {
         percentile(samples, 0.99),
         percentile(samples, 1.0)
     )
-}
-
-async fn client_for(kubeconfig: &Path) -> Client {
-    let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("kube config");
-    Client::try_from(config).expect("client")
-}
-
-async fn install_crds(client: &Client) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in [AgentIdentity::crd(), SecretGrant::crd()] {
-        let name = crd.name_any();
-        api.patch(
-            &name,
-            &PatchParams::apply("scopehold-bench").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .expect("apply CRD");
-        tokio::time::timeout(
-            WAIT,
-            await_condition(api.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .expect("CRD Established")
-        .expect("watching CRD");
-    }
-}
-
-fn meta(name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_owned()),
-        ..Default::default()
-    }
 }
 
 async fn namespace(client: &Client, name: &str) {
@@ -447,20 +400,6 @@ fn children() -> Vec<(u32, String)> {
     out
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 here.
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    ticks / 100.0
-}
-
 async fn run_scenario(
     client: &Client,
     kubelet: &KubeletPlayer,
@@ -646,27 +585,18 @@ async fn run_scenario(
     scenario
 }
 
-fn mounts_below(root: &Path) -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let root = root.to_string_lossy().into_owned();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| p.starts_with(&root))
-        .map(str::to_owned)
-        .collect()
-}
-
 #[tokio::main]
 async fn main() {
-    let args = parse_args();
+    let args = <Args as clap::Parser>::parse();
+    let scopehold = args.scopehold_bin();
     assert!(
         nix::unistd::Uid::effective().is_root(),
         "run as root: the node plugin mounts tmpfs volumes"
     );
     assert!(
-        args.scopehold.exists(),
+        scopehold.exists(),
         "{} does not exist: cargo build --release --bin scopehold",
-        args.scopehold.display()
+        scopehold.display()
     );
     let dir =
         std::env::temp_dir().join(format!("scopehold-bench-revocation-{}", std::process::id()));
@@ -682,7 +612,7 @@ async fn main() {
         .await
         .expect("API server");
     let client = client_for(&apiserver.kubeconfig).await;
-    install_crds(&client).await;
+    install_crds(&client, WAIT).await;
     namespace(&client, SYSTEM_NS).await;
     service_account(&client, SYSTEM_NS, NODE_SA).await;
     Api::<Node>::all(client.clone())
@@ -697,7 +627,7 @@ async fn main() {
         .expect("node");
 
     let mut controller = Process::spawn(
-        &args.scopehold,
+        &scopehold,
         &[
             "controller",
             "--metrics-listen",
@@ -727,32 +657,11 @@ async fn main() {
         .expect("caches");
 
     let (_plugin_pod, plugin_token) = pod(&client, SYSTEM_NS, "scopehold-node", NODE_SA).await;
-    let token_file = dir.join("node-token");
-    std::fs::write(&token_file, plugin_token).expect("token file");
-    let socket = dir.join("csi.sock");
-    let kubelet_dir = dir.join("kubelet");
+    let layout = NodePluginLayout::under(&dir);
+    std::fs::write(&layout.token_file, plugin_token).expect("token file");
     let mut node = Process::spawn(
-        &args.scopehold,
-        &[
-            "node".to_owned(),
-            "--endpoint".to_owned(),
-            format!("unix://{}", socket.display()),
-            "--node-name".to_owned(),
-            NODE.to_owned(),
-            "--custody-endpoint".to_owned(),
-            format!("http://{custody}"),
-            "--custody-plaintext".to_owned(),
-            "--token-file".to_owned(),
-            token_file.display().to_string(),
-            "--kubelet-dir".to_owned(),
-            kubelet_dir.display().to_string(),
-            "--state-dir".to_owned(),
-            dir.join("node-state").display().to_string(),
-            "--scratch-dir".to_owned(),
-            dir.join("node-scratch").display().to_string(),
-            "--log-format".to_owned(),
-            "json".to_owned(),
-        ],
+        &scopehold,
+        &layout.args(NODE, &custody),
         &apiserver.kubeconfig,
         dir.join("node.log"),
     )
@@ -760,7 +669,7 @@ async fn main() {
     node.wait_for("custody invalidation stream connected", WAIT)
         .await
         .expect("stream");
-    let kubelet = KubeletPlayer::new(&socket, &kubelet_dir);
+    let kubelet = KubeletPlayer::new(&layout.socket, &layout.kubelet_dir);
 
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut results = Vec::new();
@@ -779,7 +688,7 @@ async fn main() {
     println!(
         "Revocation and rotation latency (API write -> mount), {} events each; binary {}",
         args.events,
-        args.scopehold.display()
+        scopehold.display()
     );
     println!(
         "  load average before: {}; after: {}",
@@ -835,7 +744,7 @@ async fn main() {
             dir.display()
         );
         for point in left {
-            let _ = nix::mount::umount2(point.as_str(), nix::mount::MntFlags::MNT_DETACH);
+            let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
         }
     }
     if args.keep {

@@ -986,6 +986,17 @@ impl fmt::Display for GrantSummary<'_> {
 }
 
 /// Shortens a request's (possibly hostile) volume id for a log line.
+/// One warning line for a failed Node RPC (the error names paths and
+/// reasons only, never values or tokens).
+fn log_failure(rpc: &'static str, volume_id: &str, code: Code, error: &dyn std::error::Error) {
+    tracing::warn!(
+        volume_id = %id_for_log(volume_id),
+        code = ?code,
+        error = %error_chain(error),
+        "{rpc} failed"
+    );
+}
+
 fn id_for_log(volume_id: &str) -> String {
     shorten(volume_id, MAX_ID_IN_LOG)
 }
@@ -1015,18 +1026,13 @@ impl<R: Resolver> Node for NodeService<R> {
         request: Request<csi::NodePublishVolumeRequest>,
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         let request = request.into_inner();
-        match self.publish(&request).await {
-            Ok(_) => Ok(Response::new(csi::NodePublishVolumeResponse {})),
-            Err(error) => {
-                tracing::warn!(
-                    volume_id = %id_for_log(&request.volume_id),
-                    code = ?error.code(),
-                    error = %error_chain(&error),
-                    "NodePublishVolume failed"
-                );
-                Err(error.into())
-            }
+        let result = self.publish(&request).await;
+        if let Err(error) = &result {
+            log_failure("NodePublishVolume", &request.volume_id, error.code(), error);
         }
+        result
+            .map(|_| Response::new(csi::NodePublishVolumeResponse {}))
+            .map_err(Status::from)
     }
 
     async fn node_unpublish_volume(
@@ -1034,18 +1040,18 @@ impl<R: Resolver> Node for NodeService<R> {
         request: Request<csi::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
         let request = request.into_inner();
-        match self.unpublish(&request).await {
-            Ok(()) => Ok(Response::new(csi::NodeUnpublishVolumeResponse {})),
-            Err(error) => {
-                tracing::warn!(
-                    volume_id = %id_for_log(&request.volume_id),
-                    code = ?error.code(),
-                    error = %error_chain(&error),
-                    "NodeUnpublishVolume failed"
-                );
-                Err(error.into())
-            }
+        let result = self.unpublish(&request).await;
+        if let Err(error) = &result {
+            log_failure(
+                "NodeUnpublishVolume",
+                &request.volume_id,
+                error.code(),
+                error,
+            );
         }
+        result
+            .map(|()| Response::new(csi::NodeUnpublishVolumeResponse {}))
+            .map_err(Status::from)
     }
 
     async fn node_get_volume_stats(

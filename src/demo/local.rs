@@ -169,3 +169,52 @@ impl Process {
         let _ = self.child.wait().await;
     }
 }
+
+/// Where a local node plugin keeps its socket, token and directories: all
+/// under one directory (the demo's and the benchmarks' run directory).
+#[derive(Debug, Clone)]
+pub struct NodePluginLayout {
+    pub socket: PathBuf,
+    pub token_file: PathBuf,
+    pub kubelet_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub scratch_dir: PathBuf,
+}
+
+impl NodePluginLayout {
+    pub fn under(dir: &Path) -> Self {
+        Self {
+            socket: dir.join("csi.sock"),
+            token_file: dir.join("node-token"),
+            kubelet_dir: dir.join("kubelet"),
+            state_dir: dir.join("node-state"),
+            scratch_dir: dir.join("node-scratch"),
+        }
+    }
+
+    /// `scopehold node` arguments for a plugin on `node_name` that talks
+    /// plaintext to custody at `custody_addr` and logs JSON.
+    pub fn args(&self, node_name: &str, custody_addr: &str) -> Vec<String> {
+        let path = |p: &Path| p.display().to_string();
+        vec![
+            "node".into(),
+            "--endpoint".into(),
+            format!("unix://{}", self.socket.display()),
+            "--node-name".into(),
+            node_name.into(),
+            "--custody-endpoint".into(),
+            format!("http://{custody_addr}"),
+            "--custody-plaintext".into(),
+            "--token-file".into(),
+            path(&self.token_file),
+            "--kubelet-dir".into(),
+            path(&self.kubelet_dir),
+            "--state-dir".into(),
+            path(&self.state_dir),
+            "--scratch-dir".into(),
+            path(&self.scratch_dir),
+            "--log-format".into(),
+            "json".into(),
+        ]
+    }
+}

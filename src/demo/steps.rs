@@ -12,7 +12,7 @@ use kube::{Client, Config, CustomResourceExt, ResourceExt};
 use serde_json::json;
 
 use super::kubelet::{KubeletPlayer, PodInfo};
-use super::local::{self, Process};
+use super::local::{self, NodePluginLayout, Process};
 use super::{DemoError, DemoPaths};
 use crate::api::{AgentIdentity, SecretGrant};
 
@@ -244,42 +244,24 @@ async fn run_in(paths: &DemoPaths, dir: &Path) -> Result<(), DemoError> {
         .get("scopehold-node")
         .await?;
     let plugin_token = token(&client, SYSTEM_NS, "scopehold-node", &plugin_pod).await?;
-    let token_file = dir.join("node-token");
-    std::fs::write(&token_file, &plugin_token)
+    let layout = NodePluginLayout::under(dir);
+    std::fs::write(&layout.token_file, &plugin_token)
         .map_err(|e| DemoError::Step(format!("writing the token file: {e}")))?;
-    let kubelet_dir = dir.join("kubelet");
-    let socket = dir.join("csi.sock");
     let node = Process::spawn(
         scopehold,
-        &[
-            "node".to_owned(),
-            "--endpoint".to_owned(),
-            format!("unix://{}", socket.display()),
-            "--node-name".to_owned(),
-            NODE.to_owned(),
-            "--custody-endpoint".to_owned(),
-            format!("http://{custody}"),
-            "--custody-plaintext".to_owned(),
-            "--token-file".to_owned(),
-            token_file.display().to_string(),
-            "--kubelet-dir".to_owned(),
-            kubelet_dir.display().to_string(),
-            "--state-dir".to_owned(),
-            dir.join("node-state").display().to_string(),
-            "--scratch-dir".to_owned(),
-            dir.join("node-scratch").display().to_string(),
-            "--log-format".to_owned(),
-            "json".to_owned(),
-        ],
+        &layout.args(NODE, &custody),
         &apiserver.kubeconfig,
         dir.join("node.log"),
     )?;
     wait_until("the node plugin socket", async || {
-        socket.exists().then_some(())
+        layout.socket.exists().then_some(())
     })
     .await?;
-    show(&format!("node plugin serving CSI on {}", socket.display()));
-    let kubelet = KubeletPlayer::new(&socket, &kubelet_dir);
+    show(&format!(
+        "node plugin serving CSI on {}",
+        layout.socket.display()
+    ));
+    let kubelet = KubeletPlayer::new(&layout.socket, &layout.kubelet_dir);
 
     let outcome = five_steps(&client, &apiserver.kubeconfig, &kubelet, &controller).await;
     // Clean up the mount even when a step failed.
