@@ -2,13 +2,14 @@
 //! service in one process: grant and identity stores, the granted-Secret cache
 //! and whether the stores hold a full list yet.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, RwLock};
 
-use kube::runtime::reflector::{self, Store, store::Writer};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use tokio::sync::{broadcast, watch};
 
 use crate::api::{AgentIdentity, SecretGrant};
+use crate::policy::store_index::StoreIndex;
 use crate::secrets::SecretCache;
 
 /// Read side, cheap to clone.
@@ -22,6 +23,8 @@ pub struct Caches {
     /// node plugins.
     pub changes: broadcast::Sender<Change>,
     synced: watch::Receiver<bool>,
+    /// Names by agent, Secret and ServiceAccount, kept by the watch streams.
+    index: Arc<RwLock<StoreIndex>>,
 }
 
 /// What kind of change happened.
@@ -82,6 +85,7 @@ pub fn new() -> (Caches, CacheWriters) {
         secrets: Arc::new(SecretCache::default()),
         changes: broadcast::channel(CHANGE_BUFFER).0,
         synced: sync.subscribe(),
+        index: Arc::default(),
     };
     let writers = CacheWriters {
         grants: grant_writer,
@@ -108,6 +112,69 @@ impl Caches {
     /// Publishes a change; nobody listening is fine.
     pub fn publish(&self, change: Change) {
         let _ = self.changes.send(change);
+    }
+
+    /// Changes the index (the watch streams do, after the store applied the
+    /// same event).
+    pub fn update_index(&self, edit: impl FnOnce(&mut StoreIndex)) {
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        edit(&mut index);
+    }
+
+    fn index_lookup(&self, lookup: impl FnOnce(&StoreIndex) -> Vec<String>) -> Vec<String> {
+        lookup(&self.index.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The identities in `namespace` that claim `service_account`, by name.
+    pub fn identities_claiming(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> Vec<Arc<AgentIdentity>> {
+        self.index_lookup(|i| i.identities_claiming(namespace, service_account))
+            .into_iter()
+            .filter_map(|name| {
+                self.identities
+                    .get(&ObjectRef::new(&name).within(namespace))
+            })
+            // A renamed ServiceAccount the index has not caught up with.
+            .filter(|i| i.spec.service_account_name == service_account)
+            .collect()
+    }
+
+    /// The grants of `agent` in `namespace`, by name.
+    pub fn grants_of_agent(&self, namespace: &str, agent: &str) -> Vec<Arc<SecretGrant>> {
+        self.grants_by_names(
+            namespace,
+            self.index_lookup(|i| i.grants_of_agent(namespace, agent)),
+        )
+        .filter(|g| g.spec.agent == agent)
+        .collect()
+    }
+
+    /// The grants in `namespace` that read Secret `secret`, by name.
+    pub fn grants_for_secret(&self, namespace: &str, secret: &str) -> Vec<Arc<SecretGrant>> {
+        self.grants_by_names(
+            namespace,
+            self.index_lookup(|i| i.grants_for_secret(namespace, secret)),
+        )
+        .filter(|g| g.spec.secret_name == secret)
+        .collect()
+    }
+
+    /// Whether any grant in `namespace` reads Secret `secret`.
+    pub fn secret_is_referenced(&self, namespace: &str, secret: &str) -> bool {
+        !self.grants_for_secret(namespace, secret).is_empty()
+    }
+
+    fn grants_by_names(
+        &self,
+        namespace: &str,
+        names: Vec<String>,
+    ) -> impl Iterator<Item = Arc<SecretGrant>> {
+        names
+            .into_iter()
+            .filter_map(|name| self.grants.get(&ObjectRef::new(&name).within(namespace)))
     }
 }
 

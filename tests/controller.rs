@@ -428,6 +428,17 @@ async fn missing_agent_and_conflicting_identities() {
     f.await_grant("g", GrantPhase::Pending, "Conflict").await;
     f.await_event("bot", "IdentityConflict").await;
 
+    // Moving the intruder to another ServiceAccount ends the conflict, and
+    // moving it back starts it again (the former peers are looked up too).
+    f.patch_identity("intruder", json!({"serviceAccountName": "other-sa"}))
+        .await;
+    f.await_identity("bot", "Active").await;
+    f.await_grant("g", GrantPhase::Active, "Active").await;
+    f.patch_identity("intruder", json!({"serviceAccountName": "shared-sa"}))
+        .await;
+    f.await_identity("bot", "Conflict").await;
+    f.await_grant("g", GrantPhase::Pending, "Conflict").await;
+
     f.identities()
         .delete("intruder", &DeleteParams::default())
         .await

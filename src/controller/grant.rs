@@ -18,7 +18,6 @@ use crate::api::conditions;
 use crate::api::{AgentIdentity, GrantPhase, SecretGrant, SecretGrantStatus};
 use crate::audit::Decision;
 use crate::policy::evaluate::{AgentState, GrantEvaluation, SecretState, evaluate_grant};
-use crate::policy::index::identities_claiming;
 
 pub(super) const KIND: &str = "SecretGrant";
 /// A grant without expiry is still looked at this often, as a safety net for
@@ -41,12 +40,9 @@ pub async fn reconcile(grant: Arc<SecretGrant>, ctx: Arc<Context>) -> Result<Act
         .identities
         .get(&ObjectRef::new(&grant.spec.agent).within(&namespace));
     let conflict = identity.as_ref().is_some_and(|i| {
-        identities_claiming(
-            &ctx.caches.identities.state(),
-            &namespace,
-            &i.spec.service_account_name,
-        )
-        .len()
+        ctx.caches
+            .identities_claiming(&namespace, &i.spec.service_account_name)
+            .len()
             > 1
     });
     let secret = ctx

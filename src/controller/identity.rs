@@ -13,10 +13,9 @@ use serde_json::json;
 use super::events::{Transition, publish};
 use super::{Context, Error, FIELD_MANAGER};
 use crate::api::conditions::{self, Reason, find_ready};
-use crate::api::{AgentIdentity, AgentIdentityStatus};
+use crate::api::{AgentIdentity, AgentIdentityStatus, SecretGrant};
 use crate::audit::Decision;
 use crate::policy::evaluate::{IdentityEvaluation, evaluate_identity};
-use crate::policy::index::{grants_of_agent, identities_claiming};
 
 pub(super) const KIND: &str = "AgentIdentity";
 const RESYNC: Duration = Duration::from_secs(600);
@@ -29,16 +28,15 @@ pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Resul
     let started = Instant::now();
     let namespace = identity.namespace().ok_or(Error::MissingNamespace)?;
     let name = identity.name_any();
-    let peers: Vec<String> = identities_claiming(
-        &ctx.caches.identities.state(),
-        &namespace,
-        &identity.spec.service_account_name,
-    )
-    .into_iter()
-    .filter(|n| *n != name)
-    .collect();
-    let all_grants = ctx.caches.grants.state();
-    let grants = grants_of_agent(&all_grants, &namespace, &name);
+    let peers: Vec<String> = ctx
+        .caches
+        .identities_claiming(&namespace, &identity.spec.service_account_name)
+        .iter()
+        .map(|peer| peer.name_any())
+        .filter(|n| *n != name)
+        .collect();
+    let grants = ctx.caches.grants_of_agent(&namespace, &name);
+    let grants: Vec<&SecretGrant> = grants.iter().map(AsRef::as_ref).collect();
     let evaluation = evaluate_identity(&identity, &peers, &grants);
 
     let old = ctx

@@ -16,9 +16,6 @@ use serde::de::DeserializeOwned;
 use super::changes::{GrantSnapshot, IdentitySnapshot, grant_change, identity_change};
 use crate::api::{AgentIdentity, SecretGrant};
 use crate::caches::{Caches, Change, ChangeKind, SyncTracker};
-use crate::policy::index::{
-    grants_for_agents, grants_for_secret, identities_claiming, secret_is_referenced,
-};
 use crate::secrets::CachedSecret;
 
 /// Watches `K` as untyped objects and converts each one, so that a single
@@ -118,6 +115,7 @@ pub(super) fn grants(
     typed_watch::<SecretGrant>(client, namespace, wc)
         .reflect(writer)
         .inspect_ok(move |event| {
+            index_grant_event(&caches, event);
             let (grant, deleted, live) = match event {
                 Event::Apply(g) => (g, false, true),
                 Event::Delete(g) => (g, true, true),
@@ -154,9 +152,7 @@ pub(super) fn grants(
             if changed {
                 let _ = identity_tx.unbounded_send(ObjectRef::new(&grant.spec.agent).within(&ns));
             }
-            if deleted
-                && !secret_is_referenced(&caches.grants.state(), &ns, &grant.spec.secret_name)
-            {
+            if deleted && !caches.secret_is_referenced(&ns, &grant.spec.secret_name) {
                 caches.secrets.remove(&ns, &grant.spec.secret_name);
             }
         })
@@ -183,6 +179,7 @@ pub(super) fn identities(
     typed_watch::<AgentIdentity>(client, namespace, wc)
         .reflect(writer)
         .inspect_ok(move |event| {
+            index_identity_event(&caches, event);
             let (identity, deleted, live) = match event {
                 Event::Apply(i) => (i, false, true),
                 Event::Delete(i) => (i, true, true),
@@ -214,10 +211,10 @@ pub(super) fn identities(
                     .map(|p| p.service_account)
                     .filter(|p| *p != service_accounts[0]),
             );
-            let identities = caches.identities.state();
             let mut agents: HashSet<String> = HashSet::from([name.clone()]);
             for sa in &service_accounts {
-                for peer in identities_claiming(&identities, &ns, sa) {
+                for peer in caches.identities_claiming(&ns, sa) {
+                    let peer = peer.name_any();
                     if peer != name {
                         let _ = identity_tx.unbounded_send(ObjectRef::new(&peer).within(&ns));
                     }
@@ -244,8 +241,10 @@ pub(super) fn identities(
             if !changed {
                 return;
             }
-            for grant in grants_for_agents(&caches.grants.state(), &ns, &agents) {
-                let _ = grant_tx.unbounded_send(grant);
+            for agent in &agents {
+                for grant in caches.grants_of_agent(&ns, agent) {
+                    let _ = grant_tx.unbounded_send(ObjectRef::from_obj(grant.as_ref()));
+                }
             }
         })
         .touched_objects()
@@ -261,7 +260,7 @@ pub(super) async fn secrets(
     caches: Caches,
     grant_tx: UnboundedSender<ObjectRef<SecretGrant>>,
 ) {
-    let (grant_store, cache) = (caches.grants.clone(), caches.secrets.clone());
+    let cache = caches.secrets.clone();
     let api: Api<Secret> = match namespace.as_deref() {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
@@ -287,14 +286,15 @@ pub(super) async fn secrets(
         ) else {
             continue;
         };
-        let grants = grant_store.state();
+        // Most Secrets in a cluster are granted to nobody: one index lookup.
+        let grants = caches.grants_for_secret(&ns, &name);
         let changed = if matches!(event, Event::Delete(_)) {
             let was_cached = cache.contains(&ns, &name);
             cache.remove(&ns, &name);
-            was_cached || secret_is_referenced(&grants, &ns, &name)
+            was_cached || !grants.is_empty()
         } else if cache.contains(&ns, &name) {
             cache.refresh(secret)
-        } else if secret_is_referenced(&grants, &ns, &name) {
+        } else if !grants.is_empty() {
             cache.upsert(&ns, &name, CachedSecret::from_secret(secret));
             true
         } else {
@@ -306,16 +306,82 @@ pub(super) async fn secrets(
             } else {
                 ChangeKind::Rotated
             };
-            for grant_ref in grants_for_secret(&grants, &ns, &name) {
-                if let Some(grant) = grant_store.get(&grant_ref) {
-                    let mut change = Change::new(kind, &ns);
-                    change.agent = Some(grant.spec.agent.clone());
-                    change.grant = Some(grant_ref.name.clone());
-                    change.secret = Some(name.clone());
-                    caches.publish(change);
-                }
-                let _ = grant_tx.unbounded_send(grant_ref);
+            for grant in grants {
+                let mut change = Change::new(kind, &ns);
+                change.agent = Some(grant.spec.agent.clone());
+                change.grant = Some(grant.name_any());
+                change.secret = Some(name.clone());
+                caches.publish(change);
+                let _ = grant_tx.unbounded_send(ObjectRef::from_obj(grant.as_ref()));
             }
         }
+    }
+}
+
+/// Keeps the grant index in step with the store (which has applied `event`).
+/// A relist ends by rebuilding it from the store, which also drops grants
+/// deleted while the watch was down.
+fn index_grant_event(caches: &Caches, event: &Event<SecretGrant>) {
+    let fields = |g: &SecretGrant| {
+        g.namespace().map(|ns| {
+            (
+                ns,
+                g.name_any(),
+                g.spec.agent.clone(),
+                g.spec.secret_name.clone(),
+            )
+        })
+    };
+    match event {
+        Event::Apply(g) | Event::InitApply(g) => {
+            if let Some((ns, name, agent, secret)) = fields(g) {
+                caches.update_index(|i| i.apply_grant(&ns, &name, &agent, &secret));
+            }
+        }
+        Event::Delete(g) => {
+            if let Some((ns, name, _, _)) = fields(g) {
+                caches.update_index(|i| i.delete_grant(&ns, &name));
+            }
+        }
+        Event::InitDone => {
+            let all = caches.grants.state();
+            caches.update_index(|i| {
+                i.clear_grants();
+                for (ns, name, agent, secret) in all.iter().filter_map(|g| fields(g)) {
+                    i.apply_grant(&ns, &name, &agent, &secret);
+                }
+            });
+        }
+        Event::Init => {}
+    }
+}
+
+/// [`index_grant_event`] for identities.
+fn index_identity_event(caches: &Caches, event: &Event<AgentIdentity>) {
+    let fields = |i: &AgentIdentity| {
+        i.namespace()
+            .map(|ns| (ns, i.name_any(), i.spec.service_account_name.clone()))
+    };
+    match event {
+        Event::Apply(i) | Event::InitApply(i) => {
+            if let Some((ns, name, sa)) = fields(i) {
+                caches.update_index(|x| x.apply_identity(&ns, &name, &sa));
+            }
+        }
+        Event::Delete(i) => {
+            if let Some((ns, name, _)) = fields(i) {
+                caches.update_index(|x| x.delete_identity(&ns, &name));
+            }
+        }
+        Event::InitDone => {
+            let all = caches.identities.state();
+            caches.update_index(|x| {
+                x.clear_identities();
+                for (ns, name, sa) in all.iter().filter_map(|i| fields(i)) {
+                    x.apply_identity(&ns, &name, &sa);
+                }
+            });
+        }
+        Event::Init => {}
     }
 }

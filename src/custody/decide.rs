@@ -9,7 +9,6 @@ use kube::ResourceExt;
 use super::token_review::TokenClaims;
 use crate::api::{AgentIdentity, SecretGrant};
 use crate::policy::evaluate::GrantEvaluation;
-use crate::policy::index::identities_claiming;
 use crate::secrets::SecretBytes;
 
 /// Default file mode when the pod has an fsGroup: group-readable, and the
@@ -119,41 +118,37 @@ pub fn check_pod_claims(
     Ok(())
 }
 
-/// The one AgentIdentity that claims the pod's ServiceAccount.
+/// The one AgentIdentity that claims the pod's ServiceAccount, given all
+/// identities in `namespace` that claim `service_account` (sorted by name).
 pub fn select_identity(
-    identities: &[Arc<AgentIdentity>],
+    claimers: Vec<Arc<AgentIdentity>>,
     namespace: &str,
     service_account: &str,
 ) -> Result<Arc<AgentIdentity>, Denial> {
-    let names = identities_claiming(identities, namespace, service_account);
-    match names.as_slice() {
+    match claimers.as_slice() {
         [] => Err(Denial::new(
             DenyReason::NoAgentIdentity,
             format!(
                 "no AgentIdentity in namespace {namespace:?} claims ServiceAccount {service_account:?}"
             ),
         )),
-        [one] => {
-            let identity = identities
-                .iter()
-                .find(|i| i.namespace().as_deref() == Some(namespace) && &i.name_any() == one)
-                .cloned()
-                .ok_or_else(|| {
-                    Denial::new(DenyReason::NoAgentIdentity, "AgentIdentity vanished")
-                })?;
+        [identity] => {
             if identity.is_suspended() {
                 return Err(Denial::new(
                     DenyReason::AgentSuspended,
-                    format!("AgentIdentity {one:?} is suspended"),
+                    format!("AgentIdentity {:?} is suspended", identity.name_any()),
                 ));
             }
-            Ok(identity)
+            Ok(identity.clone())
         }
         many => Err(Denial::new(
             DenyReason::Conflict,
             format!(
                 "ServiceAccount {service_account:?} is claimed by several AgentIdentities ({}): nothing resolves",
-                many.join(", ")
+                many.iter()
+                    .map(|i| i.name_any())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )),
     }
@@ -318,24 +313,25 @@ mod tests {
     fn identity_selection_fails_closed() {
         let one = vec![identity("bot", "bot", false)];
         assert_eq!(
-            select_identity(&one, "team", "bot").map(|i| i.name_any()),
+            select_identity(one, "team", "bot").map(|i| i.name_any()),
             Ok("bot".to_owned())
         );
         assert_eq!(
-            select_identity(&one, "other", "bot").map_err(|d| d.reason),
+            select_identity(vec![], "other", "bot").map_err(|d| d.reason),
             Err(DenyReason::NoAgentIdentity)
         );
         let two = vec![
             identity("bot", "bot", false),
             identity("evil", "bot", false),
         ];
-        assert_eq!(
-            select_identity(&two, "team", "bot").map_err(|d| d.reason),
-            Err(DenyReason::Conflict)
+        let conflict = select_identity(two, "team", "bot").map_err(|d| (d.reason, d.message));
+        assert!(
+            matches!(&conflict, Err((DenyReason::Conflict, m)) if m.contains("bot, evil")),
+            "{conflict:?}"
         );
         let off = vec![identity("bot", "bot", true)];
         assert_eq!(
-            select_identity(&off, "team", "bot").map_err(|d| d.reason),
+            select_identity(off, "team", "bot").map_err(|d| d.reason),
             Err(DenyReason::AgentSuspended)
         );
     }

@@ -14,7 +14,6 @@ use tonic::Status;
 use crate::api::{AgentIdentity, SecretGrant};
 use crate::caches::{Caches, Change, ChangeKind};
 use crate::policy::evaluate::{AgentState, SecretState, evaluate_grant};
-use crate::policy::index::identities_claiming;
 use crate::proto::scopehold::v1 as pb;
 
 pub type InvalidationStream =
@@ -77,7 +76,6 @@ pub async fn grant_states(
     client: &kube::Client,
     refs: Vec<pb::GrantRef>,
 ) -> Vec<pb::GrantState> {
-    let identities = caches.identities.state();
     let now = Timestamp::now();
     let mut out = Vec::with_capacity(refs.len());
     for r in refs {
@@ -99,7 +97,8 @@ pub async fn grant_states(
                     .identities
                     .get(&ObjectRef::new(&r.agent).within(&r.namespace));
                 let conflict = identity.as_ref().is_some_and(|i| {
-                    identities_claiming(&identities, &r.namespace, &i.spec.service_account_name)
+                    caches
+                        .identities_claiming(&r.namespace, &i.spec.service_account_name)
                         .len()
                         > 1
                 });

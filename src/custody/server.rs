@@ -23,7 +23,6 @@ use crate::audit::{AuditRecord, Decision};
 use crate::caches::Caches;
 use crate::csi::volume_context::{is_dns1123_label, is_dns1123_subdomain};
 use crate::policy::evaluate::{AgentState, GrantEvaluation, SecretState, evaluate_grant};
-use crate::policy::index::grants_of_agent;
 use crate::proto::scopehold::v1 as pb;
 use crate::secrets::SecretBytes;
 
@@ -183,16 +182,19 @@ impl CustodyService {
         let pod = pod.map_err(|e| Refusal::Unavailable(format!("reading the pod: {e}")))?;
         check_pod_object(&claims, pod, node)?;
 
-        let identities = self.caches.identities.state();
-        let identity =
-            decide::select_identity(&identities, &claims.namespace, &claims.service_account)
-                .map_err(Refusal::Denied)?;
+        let identity = decide::select_identity(
+            self.caches
+                .identities_claiming(&claims.namespace, &claims.service_account),
+            &claims.namespace,
+            &claims.service_account,
+        )
+        .map_err(Refusal::Denied)?;
         let agent = identity.name_any();
-        let all_grants = self.caches.grants.state();
         let mut evaluated = Vec::new();
         let mut secrets: BTreeMap<String, Arc<crate::secrets::CachedSecret>> = BTreeMap::new();
         let now = Timestamp::now();
-        for grant in grants_of_agent(&all_grants, &claims.namespace, &agent) {
+        for grant in self.caches.grants_of_agent(&claims.namespace, &agent) {
+            let grant = grant.as_ref();
             let secret = self
                 .caches
                 .secrets
@@ -437,15 +439,14 @@ impl pb::custody_server::Custody for CustodyService {
             Err(Refusal::Denied(denial)) => {
                 // The identity, when there is one, is the natural subject of
                 // the denial Event (kubectl describe agentidentity shows it).
-                let identities = self.caches.identities.state();
-                let identity = identities
-                    .iter()
-                    .find(|i| {
-                        i.namespace().as_deref() == Some(req.pod_namespace.as_str())
-                            && !req.service_account_name.is_empty()
-                            && i.spec.service_account_name == req.service_account_name
-                    })
-                    .cloned();
+                let identity = if req.service_account_name.is_empty() {
+                    None
+                } else {
+                    self.caches
+                        .identities_claiming(&req.pod_namespace, &req.service_account_name)
+                        .into_iter()
+                        .next()
+                };
                 self.audit_denied(&denial, identity.as_deref(), &req, &node, &request_id);
                 Err(denial_status(&denial))
             }

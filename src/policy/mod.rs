@@ -2,4 +2,4 @@
 //! and an identity are judged, and which objects a change affects. No I/O.
 
 pub mod evaluate;
-pub mod index;
+pub mod store_index;
