@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use kube::{Client, ResourceExt as _};
+use scopehold::csi::server::MAX_SOCKET_PATH_BYTES;
 
 use super::{
     AUDIENCE, ControllerProcess, create_pod, create_service_account, pod_token, server, tail,
@@ -72,12 +73,27 @@ pub async fn node_plugin_token(client: &Client, ns: &str, node: &str) -> String 
 
 /// A fresh directory for one node plugin under the run directory, with its
 /// token file written. The prefix is kept short: the socket lives in it and a
-/// unix socket path holds at most 107 bytes.
+/// unix socket path holds at most 107 bytes. A checkout deep enough that the
+/// socket would not fit (the run directory sits under `target/`) gets the
+/// directory under the system temp directory instead.
 pub fn node_plugin_dir(plugin_token: &str) -> tempfile::TempDir {
+    /// `/np-XXXXXX/csi.sock` after the parent directory.
+    const SUFFIX_BYTES: usize = 19;
+    let run_dir = &server().run_dir;
+    let parent = if run_dir.as_os_str().len() + SUFFIX_BYTES <= MAX_SOCKET_PATH_BYTES {
+        run_dir.clone()
+    } else {
+        std::env::temp_dir()
+    };
     let dir = tempfile::Builder::new()
         .prefix("np-")
-        .tempdir_in(&server().run_dir)
+        .tempdir_in(parent)
         .unwrap();
+    assert!(
+        NodePluginProcess::socket(dir.path()).as_os_str().len() <= MAX_SOCKET_PATH_BYTES,
+        "no room for a unix socket path under {}",
+        dir.path().display()
+    );
     std::fs::write(dir.path().join("token"), plugin_token).unwrap();
     dir
 }
