@@ -77,20 +77,21 @@ pub async fn node_plugin_token(client: &Client, ns: &str, node: &str) -> String 
 /// socket would not fit (the run directory sits under `target/`) gets the
 /// directory under the system temp directory instead.
 pub fn node_plugin_dir(plugin_token: &str) -> tempfile::TempDir {
-    /// `/np-XXXXXX/csi.sock` after the parent directory.
-    const SUFFIX_BYTES: usize = 19;
-    let run_dir = &server().run_dir;
-    let parent = if run_dir.as_os_str().len() + SUFFIX_BYTES <= MAX_SOCKET_PATH_BYTES {
-        run_dir.clone()
-    } else {
-        std::env::temp_dir()
+    let fits = |dir: &tempfile::TempDir| {
+        NodePluginProcess::socket(dir.path()).as_os_str().len() <= MAX_SOCKET_PATH_BYTES
     };
-    let dir = tempfile::Builder::new()
-        .prefix("np-")
-        .tempdir_in(parent)
-        .unwrap();
+    let in_dir = |parent: &Path| {
+        tempfile::Builder::new()
+            .prefix("np-")
+            .tempdir_in(parent)
+            .unwrap()
+    };
+    let mut dir = in_dir(&server().run_dir);
+    if !fits(&dir) {
+        dir = in_dir(&std::env::temp_dir());
+    }
     assert!(
-        NodePluginProcess::socket(dir.path()).as_os_str().len() <= MAX_SOCKET_PATH_BYTES,
+        fits(&dir),
         "no room for a unix socket path under {}",
         dir.path().display()
     );
