@@ -69,9 +69,11 @@ use scopehold::api::{
     AgentIdentity, AgentIdentitySpec, GrantPhase, GrantedKey, SecretGrant, SecretGrantSpec,
     TOKEN_AUDIENCE,
 };
-use scopehold::csi::atomic_writer::{AtomicWriter, FileContent, Payload};
-use scopehold::csi::mounter::{Mounter, TmpfsOptions, UnmountMode, parse_mountinfo};
-use scopehold::csi::registry::{PodRef, PublishedVolume, REGISTRY_FORMAT_VERSION, Registry};
+use scopehold::csi::volume::atomic_writer::{AtomicWriter, FileContent, Payload};
+use scopehold::csi::volume::mounter::{Mounter, TmpfsOptions, UnmountMode, parse_mountinfo};
+use scopehold::csi::volume::registry::{
+    PodRef, PublishedVolume, REGISTRY_FORMAT_VERSION, Registry,
+};
 use scopehold::demo::kubelet::{KubeletPlayer, PodInfo, volume_id};
 use scopehold::demo::local::{self, NodePluginLayout};
 use scopehold::proto::csi::v1 as csi;

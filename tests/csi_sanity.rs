@@ -16,7 +16,7 @@
 //! (the facts file §4.2 says those specs run without a controller; against
 //! v5.4.0 they do not). The plugin therefore answers that one Controller RPC
 //! with a single UNKNOWN capability while advertising no CONTROLLER_SERVICE
-//! (see `src/csi/controller.rs`); every spec here talks to the real plugin
+//! (see `src/csi/grpc/controller.rs`); every spec here talks to the real plugin
 //! socket.
 
 // The crate denies these lints for every target; tests fail by panicking.
@@ -45,7 +45,7 @@ const VERSION_STAMP: &str = ".csi-sanity-version";
 ///   unconditionally to get a volume to publish, which a node-only driver
 ///   cannot serve (facts §4.2). The behaviour it checks (unpublish removes
 ///   the target directory) is covered by the unit tests in
-///   `src/csi/node_tests.rs` on real tmpfs mounts.
+///   `src/csi/grpc/node_tests.rs` on real tmpfs mounts.
 ///
 /// Everything else that applies runs. The NodePublishVolume "should work" and
 /// "should be idempotent" specs, and the NodeStage/NodeUnstage/

@@ -15,7 +15,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Config, CustomResourceExt, ResourceExt};
 use scopehold::api::{AgentIdentity, SecretGrant};
-use scopehold::csi::mounter::parse_mountinfo;
+use scopehold::csi::volume::mounter::parse_mountinfo;
 
 /// A client from the kubeconfig the test API server wrote.
 pub async fn client_for(kubeconfig: &Path) -> Client {

@@ -11,8 +11,59 @@ pub const FILE_NAME_PATTERN: &str = "^[^/\\x00]+$";
 pub const FILE_NAME_CEL: &str = "self != '.' && !self.startsWith('..')";
 pub const FILE_NAME_CEL_MESSAGE: &str =
     "must be a single file name: not '.' or '..', not starting with '..' (reserved)";
-/// Longest file name most Linux filesystems (and tmpfs) accept.
+/// Longest file name in a mount (a Secret key's limit, below the kernel's
+/// 255 bytes).
 pub const MAX_FILE_NAME_BYTES: usize = 253;
+/// Names starting with this are reserved for the atomic writer (`..data`,
+/// its version directories and staging links), as kubelet reserves them.
+pub const RESERVED_PREFIX: &str = "..";
+
+/// True for names the atomic writer reserves (`..data`, version
+/// directories): never a granted file.
+pub fn is_reserved_name(name: &str) -> bool {
+    name.starts_with(RESERVED_PREFIX)
+}
+
+/// Why a file name is not acceptable in a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidFileName {
+    #[error("the name is empty")]
+    Empty,
+    #[error("the name is {len} bytes long; at most {MAX_FILE_NAME_BYTES} are allowed")]
+    TooLong { len: usize },
+    #[error("the name contains '/'; only a single file name is allowed")]
+    ContainsSlash,
+    #[error("the name contains a NUL byte")]
+    ContainsNul,
+    #[error("'.' and '..' are not file names")]
+    DotOrDotDot,
+    #[error("names starting with '..' are reserved for the atomic writer")]
+    ReservedPrefix,
+}
+
+/// Checks that `name` is a single file name the writer may create: non-empty,
+/// at most [`MAX_FILE_NAME_BYTES`] bytes, no `/` or NUL, not `.` or `..`, not starting with `..`.
+pub fn validate_file_name(name: &str) -> Result<(), InvalidFileName> {
+    if name.is_empty() {
+        return Err(InvalidFileName::Empty);
+    }
+    if name.len() > MAX_FILE_NAME_BYTES {
+        return Err(InvalidFileName::TooLong { len: name.len() });
+    }
+    if name.contains('/') {
+        return Err(InvalidFileName::ContainsSlash);
+    }
+    if name.contains('\0') {
+        return Err(InvalidFileName::ContainsNul);
+    }
+    if name == "." || name == ".." {
+        return Err(InvalidFileName::DotOrDotDot);
+    }
+    if name.starts_with(RESERVED_PREFIX) {
+        return Err(InvalidFileName::ReservedPrefix);
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
@@ -30,19 +81,16 @@ pub enum NameError {
 
 /// Checks a file name for the mount, the same way the schema does.
 pub fn check_file_name(name: &str) -> Result<(), NameError> {
-    if name.is_empty() {
-        return Err(NameError::Empty);
-    }
-    if name.len() > MAX_FILE_NAME_BYTES {
-        return Err(NameError::TooLong(name.to_owned()));
-    }
-    if name.contains('/') || name.contains('\0') {
-        return Err(NameError::Separator(name.to_owned()));
-    }
-    if name == "." || name.starts_with("..") {
-        return Err(NameError::Reserved(name.to_owned()));
-    }
-    Ok(())
+    validate_file_name(name).map_err(|reason| match reason {
+        InvalidFileName::Empty => NameError::Empty,
+        InvalidFileName::TooLong { .. } => NameError::TooLong(name.to_owned()),
+        InvalidFileName::ContainsSlash | InvalidFileName::ContainsNul => {
+            NameError::Separator(name.to_owned())
+        }
+        InvalidFileName::DotOrDotDot | InvalidFileName::ReservedPrefix => {
+            NameError::Reserved(name.to_owned())
+        }
+    })
 }
 
 /// Checks a Secret data key: the Secret key rules plus the file-name rules,
@@ -56,6 +104,36 @@ pub fn check_secret_key(key: &str) -> Result<(), NameError> {
         return Err(NameError::KeyCharacters(key.to_owned()));
     }
     Ok(())
+}
+
+/// RFC 1123 label as Kubernetes uses it: at most 63 characters of `a-z`,
+/// `0-9` and `-`, starting and ending with an alphanumeric character.
+pub fn is_dns1123_label(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || *byte == b'-')
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+/// RFC 1123 subdomain as Kubernetes uses it: at most 253 characters,
+/// dot-separated labels of `a-z`, `0-9` and `-`, each starting and ending
+/// with an alphanumeric character.
+pub fn is_dns1123_subdomain(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 253
+        && value.split('.').all(|label| {
+            let bytes = label.as_bytes();
+            !bytes.is_empty()
+                && bytes
+                    .iter()
+                    .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || *byte == b'-')
+                && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+                && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+        })
 }
 
 #[cfg(test)]

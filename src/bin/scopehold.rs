@@ -184,7 +184,7 @@ struct NodeArgs {
     )]
     scratch_dir: PathBuf,
     /// Size limit of each volume's tmpfs (Ki, Mi, Gi, k, M, G or bytes).
-    #[arg(long, env = "SCOPEHOLD_TMPFS_SIZE", default_value = "1Mi", value_parser = scopehold::csi::server::parse_size)]
+    #[arg(long, env = "SCOPEHOLD_TMPFS_SIZE", default_value = "1Mi", value_parser = scopehold::csi::grpc::server::parse_size)]
     tmpfs_size: u64,
     /// Log format on stdout.
     #[arg(long, env = "SCOPEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
@@ -194,7 +194,7 @@ struct NodeArgs {
 #[derive(Debug, thiserror::Error)]
 enum CliError {
     #[error("node plugin: {0}")]
-    Node(#[from] scopehold::csi::server::NodePluginError),
+    Node(#[from] scopehold::csi::grpc::server::NodePluginError),
     #[error("leader election: {0}")]
     Lease(#[source] kube_lease_manager::LeaseManagerError),
     #[error("custody TLS: {0}")]
@@ -400,7 +400,7 @@ async fn serve_custody(
 }
 
 async fn run_node(args: NodeArgs) -> Result<(), CliError> {
-    use scopehold::csi::{resolver::CustodyClientConfig, server};
+    use scopehold::csi::{converge::resolver::CustodyClientConfig, grpc::server};
     telemetry::init(args.log_format);
     let settings = server::NodePluginSettings {
         endpoint: args.endpoint,

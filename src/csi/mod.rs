@@ -1,55 +1,39 @@
-//! Building blocks of the CSI node plugin, each testable without Kubernetes:
+//! The CSI node plugin, in three layers (each imports only the ones below
+//! it; nothing imports upward):
 //!
-//! - [`target_path`]: which target paths the plugin accepts.
-//! - [`volume_context`]: typed, bounded parse of the publish attributes and
-//!   the pod's token.
-//! - [`mounter`]: size-limited tmpfs mounts, read-only to the pod, with a
-//!   private writable view for updates.
-//! - [`atomic_writer`]: kubelet-style `..data` swap of the volume's files.
-//! - [`registry`]: on-disk record of published volumes (no secret values).
-//! - [`volumes`]: the in-memory view of them, with each pod's token.
-//! - [`resolver`]: the custody client behind the [`resolver::Resolver`] seam.
-//! - [`locks`]: per-target serialisation of operations.
-//! - [`node`], [`identity`]: the CSI Node and Identity services.
-//! - [`converge`]: making a published volume hold what its pod may hold now
-//!   (republish, push, expiry), with per-volume work queues.
-//! - [`push`]: the invalidation stream from custody.
-//! - [`expiry`]: the local timer that withdraws expired grants.
-//! - [`reports`]: what the plugin changed in running pods, sent to custody
-//!   to become Kubernetes Events.
-//! - [`controller`]: ControllerGetCapabilities only (for csi-sanity).
-//! - [`server`]: the unix socket and the wiring of `scopehold node`.
+//! - [`volume`], the volume on disk: which target paths are accepted
+//!   ([`volume::target_path`]), the publish attributes and the pod's token
+//!   ([`volume::context`]), size-limited tmpfs mounts ([`volume::mounter`]),
+//!   kubelet-style `..data` swaps ([`volume::atomic_writer`]), the on-disk
+//!   record of published volumes without secret values
+//!   ([`volume::registry`]), its in-memory view with each pod's token
+//!   ([`volume::table`]) and per-target locks ([`volume::locks`]).
+//! - [`errors`]: why a Node RPC failed and the gRPC code for it.
+//! - [`converge`], keeping volumes current: the plugin's shared state
+//!   ([`converge::NodeService`]), convergence of one volume, the work
+//!   queues, the push stream, the expiry timer, the custody client and the
+//!   reports to custody.
+//! - [`grpc`], the gRPC surface: the Identity and Node services, the
+//!   Controller stub for csi-sanity, and the unix-socket server that wires
+//!   `scopehold node` together.
 //!
 //! A publish is: validate the target path, parse the attributes, resolve via
 //! custody, `mount_tmpfs` + `set_read_only(true)`, then write the payload
 //! through the volume's detached writable view (kept for later writes) and
 //! record the volume in the registry.
 
-pub mod atomic_writer;
-pub mod controller;
 pub mod converge;
-pub mod expiry;
-pub mod identity;
-pub mod known_mounts;
-pub mod locks;
-pub mod mounter;
-pub mod node;
-pub mod push;
-pub mod registry;
-pub mod reports;
-pub mod resolver;
-pub mod server;
-pub mod target_path;
-pub mod volume_context;
-pub mod volumes;
+pub mod errors;
+pub mod grpc;
+pub mod volume;
 
 #[cfg(test)]
 mod tests {
     use std::fs;
     use std::os::unix::fs::MetadataExt;
 
-    use super::atomic_writer::{AtomicWriter, FileContent, Payload, WriteOutcome};
-    use super::mounter::{Mounter, TmpfsOptions, UnmountMode, UnmountOutcome};
+    use super::volume::atomic_writer::{AtomicWriter, FileContent, Payload, WriteOutcome};
+    use super::volume::mounter::{Mounter, TmpfsOptions, UnmountMode, UnmountOutcome};
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 

@@ -17,7 +17,7 @@ use crate::proto::csi::v1::node_client::NodeClient;
 /// Key of the service-account tokens in `secrets` and the volume context.
 pub const TOKENS_KEY: &str = "csi.storage.k8s.io/serviceAccount.tokens";
 /// The only audience ScopeHold asks kubelet for.
-pub const AUDIENCE: &str = "scopehold.dev";
+pub use crate::api::TOKEN_AUDIENCE as AUDIENCE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeletError {

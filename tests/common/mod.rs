@@ -41,7 +41,7 @@ use serde::Deserialize as _;
 pub const FIELD_MANAGER: &str = "scopehold-tests";
 
 /// The audience the custody service accepts ServiceAccount tokens for.
-pub const AUDIENCE: &str = "scopehold.dev";
+pub use scopehold::api::TOKEN_AUDIENCE as AUDIENCE;
 
 /// How long the API server may take from spawn to `/readyz` OK (etcd + apiserver
 /// start, post-start hooks, RBAC bootstrap). The binary itself gives up after 3 min.

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use kube::{Client, ResourceExt as _};
-use scopehold::csi::server::MAX_SOCKET_PATH_BYTES;
+use scopehold::csi::grpc::server::MAX_SOCKET_PATH_BYTES;
 
 use super::{
     AUDIENCE, ControllerProcess, create_pod, create_service_account, pod_token, server, tail,

@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::converge::Work;
-use super::node::{NodeService, shorten};
-use super::registry::PublishedVolume;
 use super::resolver::Resolver;
+use super::{NodeService, Work};
+use crate::csi::errors::shorten;
+use crate::csi::volume::registry::PublishedVolume;
 use crate::proto::scopehold::v1::Invalidation;
 use crate::proto::scopehold::v1::invalidation::Kind;
 
@@ -246,7 +246,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::csi::registry::{PodRef, PublishedGrant, REGISTRY_FORMAT_VERSION};
+    use crate::csi::volume::registry::{PodRef, PublishedGrant, REGISTRY_FORMAT_VERSION};
 
     fn volume(agent: &str, requested: &[&str], held: &[(&str, &str)]) -> PublishedVolume {
         let now = jiff::Timestamp::UNIX_EPOCH;

@@ -15,13 +15,13 @@
 //!    reachable by no path, kept for later writes) with the
 //!    atomic writer (per-file modes, group = the pod's fsGroup), record the
 //!    volume in the registry and keep the pod's token in memory for the
-//!    push path ([`super::volumes`]).
+//!    push path ([`crate::csi::volume::table`]).
 //!
 //! A failure in step 4 of a first publish unmounts and removes the target
 //! directory again, so nothing half-made is left behind.
 //!
 //! A republish (kubelet's `requiresRepublish`, our tmpfs already mounted at
-//! the target) converges the volume instead ([`super::converge`]): the
+//! the target) converges the volume instead ([`crate::csi::converge`]): the
 //! files are rewritten only when they changed, a refusal withdraws them
 //! and the call still succeeds (kubernetes#121271: a failed republish
 //! could make kubelet drop the volume's directory), and an unreachable
@@ -38,331 +38,32 @@ use std::sync::Arc;
 
 use tonic::{Code, Request, Response, Status};
 
-use super::atomic_writer::{AtomicWriteError, FileContent, Payload, WriteOutcome};
-use super::converge::WorkQueue;
-use super::locks::KeyedLocks;
-use super::mounter::{MountError, MountState, Mounter, TmpfsOptions, UnmountMode};
-use super::registry::{
+use crate::csi::converge::payload::build_payload;
+use crate::csi::converge::resolver::Resolver;
+use crate::csi::converge::{NodeConfig, NodeService, blocking, new_request_id};
+use crate::csi::errors::{MAX_VOLUME_ID_BYTES, PublishError, UnpublishError, error_chain, shorten};
+use crate::csi::volume::atomic_writer::{Payload, WriteOutcome};
+use crate::csi::volume::context::{PublishAttributes, parse_publish_attributes};
+use crate::csi::volume::mounter::{
+    MountError, MountOutcome, MountState, Mounter, TmpfsOptions, UnmountMode,
+};
+use crate::csi::volume::registry::{
     PodRef, PublishedGrant, PublishedVolume, REGISTRY_FORMAT_VERSION, Registry, RegistryError,
 };
-use super::reports::ReportSink;
-use super::resolver::Resolver;
-use super::target_path::{TargetPath, TargetPathError, TargetPathPolicy};
-use super::volume_context::{PublishAttributes, VolumeContextError, parse_publish_attributes};
-use super::volumes::{TokenUpdate, VolumeHandle, VolumeTable};
+use crate::csi::volume::table::{TokenUpdate, VolumeHandle};
+use crate::csi::volume::target_path::TargetPath;
 use crate::proto::csi::v1 as csi;
 use crate::proto::csi::v1::node_server::Node;
 use crate::proto::csi::v1::node_service_capability::rpc::Type as RpcType;
 use crate::proto::csi::v1::volume_capability::AccessType;
-use crate::proto::scopehold::v1::{ResolveRequest, ResolveResponse};
+use crate::proto::scopehold::v1::ResolveRequest;
 
-/// Longest volume id accepted (the CSI spec's limit for ids).
-pub const MAX_VOLUME_ID_BYTES: usize = 256;
-/// Most files one volume may hold.
-pub const MAX_FILES: usize = 1024;
-/// Custody's messages are passed on to kubelet shortened to this length.
-const MAX_CUSTODY_MESSAGE_BYTES: usize = 1024;
 /// Hostile ids are shortened to this length in log lines.
 const MAX_ID_IN_LOG: usize = 80;
 /// Mode of the tmpfs root when the pod has an fsGroup (kubelet adds the
 /// fsGroup to every container's groups) and when it has none.
 const ROOT_MODE_WITH_GROUP: u32 = 0o750;
 const ROOT_MODE_WITHOUT_GROUP: u32 = 0o755;
-/// How long a replaced version of a volume's files stays in place after a
-/// rotation (see [`super::atomic_writer::Retiring`]): a reader that resolved
-/// `..data` just before the swap never sees a missing file. The writer does
-/// not wait for it; a timer retires the version.
-pub(super) const RETIRE_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
-/// Concurrent custody calls of the push path and republishes together
-/// (a rotation can touch every volume on the node at once).
-const MAX_CONCURRENT_CUSTODY_CALLS: usize = 8;
-
-/// Settings of the Node service.
-#[derive(Debug, Clone)]
-pub struct NodeConfig {
-    /// This node's name: NodeGetInfo's `node_id` and the `node_name` sent to
-    /// custody.
-    pub node_name: String,
-    /// Which target paths are accepted.
-    pub target_paths: TargetPathPolicy,
-    /// Size limit of each volume's tmpfs.
-    pub tmpfs_size_bytes: u64,
-}
-
-impl NodeConfig {
-    /// The most file content one volume may hold: half the tmpfs, so that a
-    /// rotation (old and new version side by side) always fits.
-    pub fn payload_limit_bytes(&self) -> u64 {
-        self.tmpfs_size_bytes / 2
-    }
-}
-
-/// The CSI Node service. Cheap to clone: the clones share everything (the
-/// push path and the expiry timer hold one each).
-pub struct NodeService<R> {
-    pub(super) config: NodeConfig,
-    pub(super) resolver: Arc<R>,
-    pub(super) mounter: Mounter,
-    pub(super) registry: Registry,
-    pub(super) locks: KeyedLocks,
-    pub(super) volumes: VolumeTable,
-    pub(super) work: WorkQueue,
-    pub(super) custody_permits: Arc<tokio::sync::Semaphore>,
-    pub(super) reports: ReportSink,
-}
-
-impl<R> Clone for NodeService<R> {
-    fn clone(&self) -> Self {
-        Self {
-            config: self.config.clone(),
-            resolver: self.resolver.clone(),
-            mounter: self.mounter.clone(),
-            registry: self.registry.clone(),
-            locks: self.locks.clone(),
-            volumes: self.volumes.clone(),
-            work: self.work.clone(),
-            custody_permits: self.custody_permits.clone(),
-            reports: self.reports.clone(),
-        }
-    }
-}
-
-impl<R> fmt::Debug for NodeService<R> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NodeService")
-            .field("config", &self.config)
-            .field("mounter", &self.mounter)
-            .field("registry", &self.registry)
-            .field("volumes", &self.volumes.len())
-            .finish_non_exhaustive()
-    }
-}
-
-/// Why NodePublishVolume failed. [`PublishError::code`] is the gRPC code.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("volume_id is missing")]
-    MissingVolumeId,
-    #[error("volume_id is {len} bytes long; at most {MAX_VOLUME_ID_BYTES} are allowed")]
-    VolumeIdTooLong { len: usize },
-    #[error("target_path is missing")]
-    MissingTargetPath,
-    #[error("volume_capability is missing")]
-    MissingCapability,
-    #[error("volume_capability has no access type; only the mount access type is supported")]
-    MissingAccessType,
-    #[error("block access is not supported: csi.scopehold.dev serves files (access type mount)")]
-    BlockAccess,
-    #[error("invalid target_path")]
-    TargetPath(#[source] TargetPathError),
-    #[error(
-        "volume_id does not match the target path (kubelet derives an inline volume's id from the pod UID and the volume name)"
-    )]
-    VolumeIdMismatch,
-    #[error("the pod UID in the target path differs from the csi.storage.k8s.io/pod.uid attribute")]
-    PodUidMismatch,
-    #[error("volume_mount_group is not a numeric group id")]
-    InvalidMountGroup,
-    #[error("invalid volume attributes")]
-    Attributes(#[source] VolumeContextError),
-    #[error(
-        "csi.scopehold.dev serves only CSI ephemeral inline volumes (csi.storage.k8s.io/ephemeral is \"false\")"
-    )]
-    NotEphemeral,
-    #[error("volume {volume_id:?} is already published at another target path")]
-    PublishedElsewhere { volume_id: String },
-    #[error("custody refused the volume: {message}")]
-    Refused { code: Code, message: String },
-    #[error("custody is unavailable: {message}")]
-    CustodyUnavailable { message: String },
-    #[error("custody failed ({code:?}): {message}")]
-    CustodyFailed { code: Code, message: String },
-    #[error("custody returned an unusable response: {reason}")]
-    BadResponse { reason: String },
-    #[error(
-        "grants {first:?} and {second:?} both deliver the file {file:?}; give one of them another path"
-    )]
-    FileConflict {
-        file: String,
-        first: String,
-        second: String,
-    },
-    #[error(
-        "the granted files total {total} bytes; a volume holds at most {limit} (half of --tmpfs-size, leaving room for a rotation)"
-    )]
-    PayloadTooLarge { total: u64, limit: u64 },
-    #[error("the volume holds {count} files; at most {MAX_FILES} are allowed")]
-    TooManyFiles { count: usize },
-    #[error("mounting the volume")]
-    Mount(#[source] MountError),
-    #[error("writing the volume's files")]
-    Write(#[source] AtomicWriteError),
-    #[error("recording the volume")]
-    Registry(#[source] RegistryError),
-    #[error("internal error: {0}")]
-    Task(String),
-}
-
-impl PublishError {
-    /// The gRPC code kubelet sees.
-    pub fn code(&self) -> Code {
-        match self {
-            Self::MissingVolumeId
-            | Self::VolumeIdTooLong { .. }
-            | Self::MissingTargetPath
-            | Self::MissingCapability
-            | Self::MissingAccessType
-            | Self::BlockAccess
-            | Self::TargetPath(_)
-            | Self::VolumeIdMismatch
-            | Self::PodUidMismatch
-            | Self::InvalidMountGroup
-            | Self::Attributes(_) => Code::InvalidArgument,
-            Self::NotEphemeral
-            | Self::FileConflict { .. }
-            | Self::PayloadTooLarge { .. }
-            | Self::TooManyFiles { .. } => Code::FailedPrecondition,
-            Self::PublishedElsewhere { .. } => Code::AlreadyExists,
-            Self::Refused { code, .. } => *code,
-            Self::CustodyUnavailable { .. } => Code::Unavailable,
-            Self::Mount(error) => mount_error_code(error),
-            Self::CustodyFailed { .. }
-            | Self::BadResponse { .. }
-            | Self::Write(_)
-            | Self::Registry(_)
-            | Self::Task(_) => Code::Internal,
-        }
-    }
-
-    /// Classifies a status from custody (or from the client in front of it).
-    pub fn from_custody(status: &Status) -> Self {
-        let message = shorten(status.message(), MAX_CUSTODY_MESSAGE_BYTES);
-        match status.code() {
-            // Custody's decision about this pod: passed on as is.
-            code @ (Code::PermissionDenied
-            | Code::Unauthenticated
-            | Code::FailedPrecondition
-            | Code::NotFound
-            | Code::InvalidArgument) => Self::Refused { code, message },
-            // Try again later; kubelet treats UNAVAILABLE as retryable.
-            Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Cancelled
-            | Code::Aborted
-            | Code::ResourceExhausted => Self::CustodyUnavailable { message },
-            code => Self::CustodyFailed { code, message },
-        }
-    }
-
-    /// True when custody decided the pod gets nothing (as opposed to not
-    /// being able to decide): a republish then withdraws the files.
-    pub fn is_refusal(&self) -> bool {
-        matches!(self, Self::Refused { .. })
-    }
-
-    /// True for problems of this node (mounts, files, registry) rather than
-    /// of custody's answer.
-    pub fn is_local(&self) -> bool {
-        matches!(
-            self,
-            Self::Mount(_) | Self::Write(_) | Self::Registry(_) | Self::Task(_)
-        )
-    }
-}
-
-impl From<PublishError> for Status {
-    fn from(error: PublishError) -> Self {
-        Status::new(error.code(), error_chain(&error))
-    }
-}
-
-/// Why NodeUnpublishVolume failed.
-#[derive(Debug, thiserror::Error)]
-pub enum UnpublishError {
-    #[error("volume_id is missing")]
-    MissingVolumeId,
-    #[error("volume_id is {len} bytes long; at most {MAX_VOLUME_ID_BYTES} are allowed")]
-    VolumeIdTooLong { len: usize },
-    #[error("target_path is missing")]
-    MissingTargetPath,
-    #[error("invalid target_path")]
-    TargetPath(#[source] TargetPathError),
-    #[error("unmounting the volume")]
-    Mount(#[source] MountError),
-    #[error(
-        "{} is not an empty directory after unmounting; refusing to delete what ScopeHold did not create",
-        path.display()
-    )]
-    TargetNotEmpty { path: PathBuf },
-    #[error("{} is not a directory; refusing to delete it", path.display())]
-    TargetNotDirectory { path: PathBuf },
-    #[error("removing {}", path.display())]
-    RemoveTarget {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("updating the registry")]
-    Registry(#[source] RegistryError),
-    #[error("internal error: {0}")]
-    Task(String),
-}
-
-impl UnpublishError {
-    pub fn code(&self) -> Code {
-        match self {
-            Self::MissingVolumeId
-            | Self::VolumeIdTooLong { .. }
-            | Self::MissingTargetPath
-            | Self::TargetPath(_) => Code::InvalidArgument,
-            Self::Mount(error) => mount_error_code(error),
-            Self::TargetNotEmpty { .. } | Self::TargetNotDirectory { .. } => {
-                Code::FailedPrecondition
-            }
-            Self::RemoveTarget { .. } | Self::Registry(_) | Self::Task(_) => Code::Internal,
-        }
-    }
-}
-
-impl From<UnpublishError> for Status {
-    fn from(error: UnpublishError) -> Self {
-        Status::new(error.code(), error_chain(&error))
-    }
-}
-
-/// A mount that is not ours, or a target that is not a plain directory, is
-/// a state problem; anything else is a local failure.
-fn mount_error_code(error: &MountError) -> Code {
-    match error {
-        MountError::ForeignMount { .. }
-        | MountError::TargetIsSymlink { .. }
-        | MountError::TargetNotDirectory { .. } => Code::FailedPrecondition,
-        _ => Code::Internal,
-    }
-}
-
-/// `error: source: source…`, the message kubelet shows in the pod's events.
-pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        message.push_str(": ");
-        message.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    message
-}
-
-pub(super) fn shorten(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
-}
 
 /// What a successful publish did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -450,127 +151,6 @@ fn check_volume_id(volume_id: &str) -> Result<(), usize> {
     }
 }
 
-/// The files of a response, checked, plus what the registry keeps of them.
-#[derive(Debug)]
-pub(super) struct ResolvedPayload {
-    pub(super) payload: Payload,
-    pub(super) grants: Vec<PublishedGrant>,
-}
-
-/// Turns custody's answer into the volume's files. Refuses names the
-/// writer would refuse, modes beyond 0o777, one file name from two grants,
-/// and more content than the volume can hold through a rotation.
-pub(super) fn build_payload(
-    response: &ResolveResponse,
-    limit_bytes: u64,
-) -> Result<ResolvedPayload, PublishError> {
-    let mut payload = Payload::new();
-    let mut owner_of: std::collections::BTreeMap<&str, &str> = Default::default();
-    let mut grants = Vec::with_capacity(response.grants.len());
-    let mut total: u64 = 0;
-    for grant in &response.grants {
-        let mut files = Vec::with_capacity(grant.files.len());
-        let mut keys = Vec::with_capacity(grant.files.len());
-        for file in &grant.files {
-            super::atomic_writer::validate_file_name(&file.path).map_err(|reason| {
-                PublishError::BadResponse {
-                    reason: format!(
-                        "grant {:?} has an invalid file name {:?}: {reason}",
-                        shorten(&grant.grant, 64),
-                        shorten(&file.path, 64)
-                    ),
-                }
-            })?;
-            if file.mode & !0o777 != 0 {
-                return Err(PublishError::BadResponse {
-                    reason: format!(
-                        "grant {:?} gives file {:?} the mode {:#o}; only permission bits are allowed",
-                        shorten(&grant.grant, 64),
-                        file.path,
-                        file.mode
-                    ),
-                });
-            }
-            if let Some(first) = owner_of.insert(&file.path, &grant.grant) {
-                return Err(PublishError::FileConflict {
-                    file: file.path.clone(),
-                    first: first.to_owned(),
-                    second: grant.grant.clone(),
-                });
-            }
-            total = total
-                .saturating_add(file.content.len() as u64)
-                .saturating_add(file.path.len() as u64);
-            payload.insert(
-                file.path.clone(),
-                FileContent::new(file.content.clone(), file.mode),
-            );
-            files.push(file.path.clone());
-            keys.push(file.key.clone());
-        }
-        files.sort();
-        keys.sort();
-        keys.dedup();
-        grants.push(PublishedGrant {
-            grant: grant.grant.clone(),
-            secret: grant.secret.clone(),
-            content_digest: grant.content_digest.clone(),
-            expires_at: grant
-                .expires_at
-                .as_ref()
-                .and_then(|at| jiff::Timestamp::new(at.seconds, at.nanos).ok()),
-            files,
-            keys,
-        });
-    }
-    if payload.len() > MAX_FILES {
-        return Err(PublishError::TooManyFiles {
-            count: payload.len(),
-        });
-    }
-    if total > limit_bytes {
-        return Err(PublishError::PayloadTooLarge {
-            total,
-            limit: limit_bytes,
-        });
-    }
-    Ok(ResolvedPayload { payload, grants })
-}
-
-/// A fresh random id that correlates the plugin's and custody's records.
-pub fn new_request_id() -> String {
-    let mut bytes = [0_u8; 16];
-    if getrandom::fill(&mut bytes).is_err() {
-        // No OS randomness (should not happen on Linux): time and a hash
-        // with per-process random keys still make collisions unlikely.
-        use std::hash::{BuildHasher, Hasher};
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|elapsed| elapsed.as_nanos())
-                .unwrap_or_default(),
-        );
-        bytes[..8].copy_from_slice(&hasher.finish().to_le_bytes());
-    }
-    hex::encode(bytes)
-}
-
-/// Runs blocking file-system and mount work off the async threads.
-pub(super) async fn blocking<T, E>(
-    work: impl FnOnce() -> Result<T, E> + Send + 'static,
-    task_error: impl FnOnce(String) -> E,
-) -> Result<T, E>
-where
-    T: Send + 'static,
-    E: Send + 'static,
-{
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result,
-        Err(error) => Err(task_error(error.to_string())),
-    }
-}
-
 /// Everything the blocking part of a publish needs.
 struct Apply {
     mounter: Mounter,
@@ -598,7 +178,7 @@ impl Apply {
                 }
                 PublishError::Mount(error)
             })?
-            == super::mounter::MountOutcome::Mounted;
+            == MountOutcome::Mounted;
         let result = self.fill();
         if result.is_err() && mounted {
             undo_mount(&self.mounter, target);
@@ -645,42 +225,7 @@ fn undo_mount(mounter: &Mounter, target: &Path) {
         }
     }
 }
-
 impl<R: Resolver> NodeService<R> {
-    pub fn new(config: NodeConfig, resolver: Arc<R>, mounter: Mounter, registry: Registry) -> Self {
-        Self {
-            config,
-            resolver,
-            mounter,
-            registry,
-            locks: KeyedLocks::new(),
-            volumes: VolumeTable::new(),
-            work: WorkQueue::default(),
-            custody_permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CUSTODY_CALLS)),
-            reports: ReportSink::default(),
-        }
-    }
-
-    /// Sends what the plugin changes in running pods to `reports` (custody
-    /// turns them into Events); without it they are only audit lines.
-    pub fn with_reports(mut self, reports: ReportSink) -> Self {
-        self.reports = reports;
-        self
-    }
-
-    pub fn config(&self) -> &NodeConfig {
-        &self.config
-    }
-
-    /// The published volumes as this plugin tracks them.
-    pub fn volumes(&self) -> &VolumeTable {
-        &self.volumes
-    }
-
-    pub fn resolver(&self) -> &Arc<R> {
-        &self.resolver
-    }
-
     /// NodePublishVolume.
     pub async fn publish(
         &self,

@@ -29,99 +29,24 @@
 //! volume is busy is merged and done next, so a burst of invalidations costs
 //! one pass per volume.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use tonic::{Code, Status};
 
-use super::atomic_writer::{Payload, WriteOutcome};
-use super::node::{
-    NodeService, PublishError, RETIRE_DELAY, blocking, build_payload, error_chain, new_request_id,
-    shorten,
-};
-use super::registry::{PublishedGrant, PublishedVolume};
+use super::payload::build_payload;
 use super::resolver::Resolver;
-use super::volume_context::PodToken;
-use super::volumes::TokenUpdate;
+use super::work::{Step, Withdrawal, Work};
+use super::{NodeService, RETIRE_DELAY, blocking, new_request_id};
 use crate::audit::{AuditRecord, Decision};
+use crate::csi::errors::{PublishError, error_chain, shorten};
+use crate::csi::volume::atomic_writer::{Payload, WriteOutcome};
+use crate::csi::volume::context::PodToken;
+use crate::csi::volume::registry::{PublishedGrant, PublishedVolume};
+use crate::csi::volume::table::TokenUpdate;
 use crate::proto::scopehold::v1::{GrantRef, NodeReport, ResolveRequest, ResolveResponse};
 
 /// Custody's refusal reasons are shortened to this length in audit lines.
 const MAX_REASON_BYTES: usize = 64;
-
-/// What to do to one volume. Merging two pieces of work keeps both:
-/// withdrawals first (they are local and fail closed), then a refresh.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Work {
-    /// Withdraw every file, for this reason.
-    withdraw_all: Option<String>,
-    /// Withdraw these grants' files: grant → reason.
-    withdraw: BTreeMap<String, String>,
-    /// Re-resolve (or, without a token, check the grant states).
-    refresh: bool,
-}
-
-impl Work {
-    pub fn refresh() -> Self {
-        Self {
-            refresh: true,
-            ..Self::default()
-        }
-    }
-
-    pub fn withdraw_all(reason: impl Into<String>) -> Self {
-        Self {
-            withdraw_all: Some(reason.into()),
-            ..Self::default()
-        }
-    }
-
-    pub fn withdraw_grants(grants: impl IntoIterator<Item = String>, reason: &str) -> Self {
-        Self {
-            withdraw: grants
-                .into_iter()
-                .map(|grant| (grant, reason.to_owned()))
-                .collect(),
-            ..Self::default()
-        }
-    }
-
-    /// Adds `other` to this work (the first reason given for a grant wins).
-    pub fn merge(&mut self, other: Work) {
-        if self.withdraw_all.is_none() {
-            self.withdraw_all = other.withdraw_all;
-        }
-        for (grant, reason) in other.withdraw {
-            self.withdraw.entry(grant).or_insert(reason);
-        }
-        self.refresh |= other.refresh;
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.withdraw_all.is_none() && self.withdraw.is_empty() && !self.refresh
-    }
-
-    pub fn refreshes(&self) -> bool {
-        self.refresh
-    }
-
-    fn withdrawal(&self) -> Option<Withdrawal> {
-        match &self.withdraw_all {
-            Some(reason) => Some(Withdrawal::All(reason.clone())),
-            None if !self.withdraw.is_empty() => Some(Withdrawal::Grants(self.withdraw.clone())),
-            None => None,
-        }
-    }
-}
-
-/// Which files leave a volume.
-#[derive(Debug, Clone)]
-pub(super) enum Withdrawal {
-    /// Everything, for this reason.
-    All(String),
-    /// The files of these grants (grant → reason).
-    Grants(BTreeMap<String, String>),
-}
 
 /// The result of converging one volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,99 +65,6 @@ impl Converged {
             Self::Written => WriteOutcome::Written,
             Self::Unchanged | Self::Kept => WriteOutcome::Unchanged,
         }
-    }
-}
-
-/// Pending work per volume, and the volumes that have a worker (with the
-/// signal that tells a worker waiting for a custody permit that a
-/// withdrawal arrived).
-#[derive(Debug, Default)]
-struct QueueState {
-    pending: HashMap<String, Work>,
-    running: HashMap<String, Arc<tokio::sync::Notify>>,
-}
-
-/// What a volume's worker does next.
-enum Step {
-    /// Withdraw now (local, never waits for custody).
-    Withdraw(Withdrawal),
-    /// A refresh is pending: get a custody permit first (the refresh stays
-    /// pending meanwhile, so that more invalidations merge into it).
-    Refresh(Arc<tokio::sync::Notify>),
-    /// Nothing left; the worker ends.
-    Done,
-}
-
-/// At most one worker per volume; cheap to clone.
-#[derive(Debug, Default, Clone)]
-pub struct WorkQueue {
-    state: Arc<Mutex<QueueState>>,
-}
-
-impl WorkQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Merges `work` into the volume's pending work; true when the caller
-    /// must start a worker for it.
-    fn add(&self, volume_id: &str, work: Work) -> bool {
-        let withdraws = work.withdrawal().is_some();
-        let mut state = self.lock();
-        state
-            .pending
-            .entry(volume_id.to_owned())
-            .or_default()
-            .merge(work);
-        match state.running.get(volume_id) {
-            Some(arrived) => {
-                if withdraws {
-                    arrived.notify_one();
-                }
-                false
-            }
-            None => {
-                state.running.insert(volume_id.to_owned(), Arc::default());
-                true
-            }
-        }
-    }
-
-    /// The volume's next step: pending withdrawals first (taken), then a
-    /// pending refresh (left pending), else the worker ends.
-    fn next_step(&self, volume_id: &str) -> Step {
-        let mut state = self.lock();
-        if let Some(work) = state.pending.get_mut(volume_id) {
-            if let Some(withdrawal) = work.withdrawal() {
-                work.withdraw_all = None;
-                work.withdraw.clear();
-                return Step::Withdraw(withdrawal);
-            }
-            if work.refresh
-                && let Some(arrived) = state.running.get(volume_id)
-            {
-                return Step::Refresh(arrived.clone());
-            }
-        }
-        state.pending.remove(volume_id);
-        state.running.remove(volume_id);
-        Step::Done
-    }
-
-    /// Takes the pending refresh (true if there was one).
-    fn take_refresh(&self, volume_id: &str) -> bool {
-        match self.lock().pending.get_mut(volume_id) {
-            Some(work) if work.refresh => {
-                work.refresh = false;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Volumes with work queued or in progress.
-    pub fn busy(&self) -> usize {
-        self.lock().running.len()
     }
 }
 
@@ -262,7 +94,7 @@ fn timestamp(at: &prost_types::Timestamp) -> Option<jiff::Timestamp> {
 impl<R: Resolver> NodeService<R> {
     /// A permit for one custody call; `None` only if the semaphore was
     /// closed, which never happens (the call then goes ahead unthrottled).
-    pub(super) async fn custody_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    pub(crate) async fn custody_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
         self.custody_permits.acquire().await.ok()
     }
 
@@ -363,7 +195,7 @@ impl<R: Resolver> NodeService<R> {
     /// A republish: converge with the fresh token and hold it. Only local
     /// failures fail the call; whatever custody says (or does not say), the
     /// volume was handled and kubelet gets OK.
-    pub(super) async fn republish_locked(
+    pub(crate) async fn republish_locked(
         &self,
         entry: PublishedVolume,
         token: PodToken,
@@ -402,7 +234,7 @@ impl<R: Resolver> NodeService<R> {
     /// without one) and makes the files match. `hold` says what to do with
     /// the held token. Needs the per-target lock; `permit` (a custody
     /// permit) is released as soon as custody has answered, before writing.
-    pub(super) async fn refresh_locked(
+    pub(crate) async fn refresh_locked(
         &self,
         entry: PublishedVolume,
         token: Option<PodToken>,
@@ -651,7 +483,7 @@ impl<R: Resolver> NodeService<R> {
 
     /// Removes files from the volume: all of them, or those of some grants
     /// (the others are read back from the volume and kept as they are).
-    pub(super) async fn withdraw_locked(
+    pub(crate) async fn withdraw_locked(
         &self,
         entry: PublishedVolume,
         withdrawal: Withdrawal,
@@ -900,50 +732,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn work_merges_withdrawals_before_a_refresh() {
-        let mut work = Work::withdraw_grants(["a".to_owned()], "Revoked");
-        work.merge(Work::refresh());
-        work.merge(Work::withdraw_grants(
-            ["a".to_owned(), "b".to_owned()],
-            "Expired",
-        ));
-        assert!(work.refreshes());
-        assert_eq!(
-            work.withdraw,
-            BTreeMap::from([
-                ("a".to_owned(), "Revoked".to_owned()),
-                ("b".to_owned(), "Expired".to_owned())
-            ])
-        );
-        assert!(matches!(work.withdrawal(), Some(Withdrawal::Grants(_))));
-        work.merge(Work::withdraw_all("AgentSuspended"));
-        assert!(matches!(work.withdrawal(), Some(Withdrawal::All(r)) if r == "AgentSuspended"));
-        assert!(Work::default().is_empty());
-    }
-
-    #[test]
-    fn queue_runs_one_worker_per_volume_takes_withdrawals_first_and_merges() {
-        let queue = WorkQueue::default();
-        assert!(queue.add("v1", Work::refresh()));
-        assert!(!queue.add("v1", Work::withdraw_all("Conflict")));
-        assert!(queue.add("v2", Work::refresh()));
-        assert_eq!(queue.busy(), 2);
-        // The withdrawal is taken; the refresh stays pending until a permit
-        // is held, so more work merges into it.
-        assert!(
-            matches!(queue.next_step("v1"), Step::Withdraw(Withdrawal::All(r)) if r == "Conflict")
-        );
-        assert!(matches!(queue.next_step("v1"), Step::Refresh(_)));
-        assert!(!queue.add("v1", Work::refresh()));
-        assert!(queue.take_refresh("v1"));
-        assert!(!queue.take_refresh("v1"));
-        assert!(matches!(queue.next_step("v1"), Step::Done));
-        assert_eq!(queue.busy(), 1);
-        // A new piece of work after the worker ended starts a new one.
-        assert!(queue.add("v1", Work::refresh()));
-    }
-
-    #[test]
     fn refusal_reasons_come_from_custodys_message_or_the_code() {
         assert_eq!(
             refusal_reason(&Status::permission_denied(
@@ -961,7 +749,3 @@ mod tests {
         );
     }
 }
-
-#[cfg(test)]
-#[path = "converge_tests.rs"]
-mod node_tests;

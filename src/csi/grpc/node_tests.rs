@@ -11,18 +11,18 @@ use std::sync::{Arc, Mutex};
 use tonic::{Code, Request, Status};
 
 use super::*;
-use crate::csi::identity::{DRIVER_NAME, IdentityService};
-use crate::csi::mounter::parse_mountinfo;
-use crate::csi::resolver::{CustodyClientConfig, CustodyResolver};
-use crate::csi::target_path::kubelet_volume_id;
-use crate::csi::volume_context::{
+use crate::csi::converge::resolver::{CustodyClientConfig, CustodyResolver};
+use crate::csi::grpc::identity::{DRIVER_NAME, IdentityService};
+use crate::csi::volume::context::{
     EPHEMERAL_KEY, GRANTS_KEY, POD_NAME_KEY, POD_NAMESPACE_KEY, POD_UID_KEY,
     SERVICE_ACCOUNT_NAME_KEY, SERVICE_ACCOUNT_TOKENS_KEY, TOKEN_AUDIENCE,
 };
+use crate::csi::volume::mounter::parse_mountinfo;
+use crate::csi::volume::target_path::{TargetPathPolicy, kubelet_volume_id};
 use crate::proto::csi::v1::identity_server::Identity;
 use crate::proto::csi::v1::volume_capability::{AccessMode, BlockVolume, MountVolume};
 use crate::proto::scopehold::v1::{
-    File as CustodyFile, GrantRef, GrantState, Invalidation, ResolvedGrant,
+    File as CustodyFile, GrantRef, GrantState, Invalidation, ResolveResponse, ResolvedGrant,
 };
 
 pub(crate) type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -154,7 +154,7 @@ impl Resolver for FakeResolver {
     async fn watch_invalidations(
         &self,
         _node_name: String,
-    ) -> Result<crate::csi::resolver::InvalidationStream, Status> {
+    ) -> Result<crate::csi::converge::resolver::InvalidationStream, Status> {
         let receiver = self
             .streams
             .lock()
@@ -349,7 +349,7 @@ impl<R: Resolver> Drop for Fixture<R> {
 }
 
 pub(crate) fn mounts()
--> Result<Vec<crate::csi::mounter::MountInfoEntry>, Box<dyn std::error::Error>> {
+-> Result<Vec<crate::csi::volume::mounter::MountInfoEntry>, Box<dyn std::error::Error>> {
     Ok(parse_mountinfo(&fs::read("/proc/self/mountinfo")?)?)
 }
 
@@ -384,7 +384,7 @@ pub(crate) fn publish_request(
     })
     .to_string();
     csi::NodePublishVolumeRequest {
-        volume_id: crate::csi::target_path::kubelet_volume_id(uid, volume),
+        volume_id: crate::csi::volume::target_path::kubelet_volume_id(uid, volume),
         target_path: target.to_string_lossy().into_owned(),
         volume_capability: Some(mount_capability(&FS_GROUP.to_string())),
         readonly: true,

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::volume_context::is_dns1123_label;
+use crate::api::validation::is_dns1123_label;
 
 /// Kubelet's default `--root-dir`.
 pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";

@@ -40,6 +40,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::api::validation::is_reserved_name;
+pub use crate::api::validation::{InvalidFileName, validate_file_name};
+
 /// Version directories of one volume that are no longer current but still
 /// within their grace period; shared by every writer of that volume.
 pub type Retiring = Arc<Mutex<BTreeSet<String>>>;
@@ -52,8 +55,6 @@ const DATA_TMP_LINK: &str = "..data_tmp";
 /// others, so the file modes alone decide who can read (the mount root's mode
 /// already keeps other pods' users out).
 const VERSION_DIR_MODE: u32 = 0o755;
-/// Longest file name the kernel accepts for one path component.
-const MAX_FILE_NAME_BYTES: usize = 255;
 /// Only permission bits may be set: no setuid, setgid or sticky bit.
 const PERMISSION_BITS: u32 = 0o777;
 /// How many random directory names to try before giving up.
@@ -99,47 +100,6 @@ pub enum WriteOutcome {
     /// Content, modes and group already matched; nothing was rewritten (missing
     /// user-visible links are still repaired).
     Unchanged,
-}
-
-/// Why a file name is not acceptable in a volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidFileName {
-    #[error("the name is empty")]
-    Empty,
-    #[error("the name is {len} bytes long; at most {MAX_FILE_NAME_BYTES} are allowed")]
-    TooLong { len: usize },
-    #[error("the name contains '/'; only a single file name is allowed")]
-    ContainsSlash,
-    #[error("the name contains a NUL byte")]
-    ContainsNul,
-    #[error("'.' and '..' are not file names")]
-    DotOrDotDot,
-    #[error("names starting with '..' are reserved for the atomic writer")]
-    ReservedPrefix,
-}
-
-/// Checks that `name` is a single file name the writer may create: non-empty,
-/// at most 255 bytes, no `/` or NUL, not `.` or `..`, not starting with `..`.
-pub fn validate_file_name(name: &str) -> Result<(), InvalidFileName> {
-    if name.is_empty() {
-        return Err(InvalidFileName::Empty);
-    }
-    if name.len() > MAX_FILE_NAME_BYTES {
-        return Err(InvalidFileName::TooLong { len: name.len() });
-    }
-    if name.contains('/') {
-        return Err(InvalidFileName::ContainsSlash);
-    }
-    if name.contains('\0') {
-        return Err(InvalidFileName::ContainsNul);
-    }
-    if name == "." || name == ".." {
-        return Err(InvalidFileName::DotOrDotDot);
-    }
-    if name.starts_with("..") {
-        return Err(InvalidFileName::ReservedPrefix);
-    }
-    Ok(())
 }
 
 /// Errors of the atomic writer. Messages name paths and file names, never
@@ -544,7 +504,7 @@ impl AtomicWriter {
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
-            if name.starts_with("..") {
+            if is_reserved_name(&name) {
                 continue;
             }
             let path = entry.path();
@@ -729,7 +689,7 @@ mod tests {
     fn user_visible(dir: &Path) -> Vec<String> {
         entries(dir)
             .into_iter()
-            .filter(|name| !name.starts_with(".."))
+            .filter(|name| !is_reserved_name(name))
             .collect()
     }
 
@@ -891,8 +851,9 @@ mod tests {
     }
 
     #[test]
-    fn accepted_names_include_dots_inside_and_255_bytes() {
-        for good in [".hidden", "a..b", "key.json", "x".repeat(255).as_str()] {
+    fn accepted_names_include_dots_inside_and_the_longest_allowed() {
+        let longest = "x".repeat(crate::api::validation::MAX_FILE_NAME_BYTES);
+        for good in [".hidden", "a..b", "key.json", longest.as_str()] {
             assert_eq!(validate_file_name(good), Ok(()), "{good:?}");
         }
     }

@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::Notify;
 
 use super::atomic_writer::{AtomicWriter, Retiring};
+use super::context::PodToken;
 use super::mounter::{DetachedView, MountError, Mounter};
 use super::registry::PublishedVolume;
-use super::volume_context::PodToken;
 
 /// How one volume is written: its detached writable view and the versions
 /// still within their grace period.
@@ -263,8 +263,8 @@ fn token_usable(token: &PodToken, now: jiff::Timestamp) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::csi::registry::{PodRef, PublishedGrant, REGISTRY_FORMAT_VERSION};
-    use crate::csi::volume_context::parse_publish_attributes;
+    use crate::csi::volume::context::parse_publish_attributes;
+    use crate::csi::volume::registry::{PodRef, PublishedGrant, REGISTRY_FORMAT_VERSION};
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 

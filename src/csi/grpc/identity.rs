@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::push::PushState;
-use super::resolver::Resolver;
+use crate::csi::converge::push::PushState;
+use crate::csi::converge::resolver::Resolver;
 use crate::proto::csi::v1 as csi;
 use crate::proto::csi::v1::identity_server::Identity;
 

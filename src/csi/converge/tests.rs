@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use tonic::Status;
 
-use crate::csi::node::tests::{
+use crate::csi::converge::push::{self, PushState};
+use crate::csi::grpc::node::tests::{
     FakeResolver, Fixture, POD_TOKEN, SECRET_A, SECRET_B, TestResult, grant, two_grants,
     visible_files,
 };
-use crate::csi::push::{self, PushState};
-use crate::csi::volume_context::GRANTS_KEY;
+use crate::csi::volume::context::GRANTS_KEY;
 use crate::proto::scopehold::v1::invalidation::Kind;
 use crate::proto::scopehold::v1::{Invalidation, ResolveResponse};
 
@@ -344,7 +344,7 @@ async fn expired_grants_are_withdrawn_locally_on_time() -> TestResult {
         });
     }
     let fixture = Fixture::with_resolver(FakeResolver::new(Ok(answer)))?;
-    let timer = tokio::spawn(crate::csi::expiry::run(fixture.service.clone()));
+    let timer = tokio::spawn(crate::csi::converge::expiry::run(fixture.service.clone()));
     fixture.service.publish(&fixture.request()).await?;
     // Custody is gone: the node enforces the expiry on its own.
     fixture.set_answer(Err(Status::unavailable("down")));

@@ -10,9 +10,8 @@
 
 use std::time::Duration;
 
-use super::converge::Work;
-use super::node::NodeService;
 use super::resolver::Resolver;
+use super::{NodeService, Work};
 
 /// Longest uninterrupted sleep.
 pub const MAX_SLEEP: Duration = Duration::from_secs(5);

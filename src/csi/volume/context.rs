@@ -22,6 +22,8 @@ use std::fmt;
 
 use serde::Deserialize;
 
+pub use crate::api::validation::{is_dns1123_label, is_dns1123_subdomain};
+
 /// Prefix of the keys kubelet writes.
 pub const KUBELET_KEY_PREFIX: &str = "csi.storage.k8s.io/";
 pub const POD_NAME_KEY: &str = "csi.storage.k8s.io/pod.name";
@@ -35,7 +37,7 @@ pub const SERVICE_ACCOUNT_TOKENS_KEY: &str = "csi.storage.k8s.io/serviceAccount.
 pub const GRANTS_KEY: &str = "grants";
 /// The audience of the tokens kubelet mints for ScopeHold
 /// (`CSIDriver.spec.tokenRequests`).
-pub const TOKEN_AUDIENCE: &str = "scopehold.dev";
+pub use crate::api::TOKEN_AUDIENCE;
 
 /// Limit on the sum of all keys and values of the volume context (and,
 /// separately, of the secrets).
@@ -349,36 +351,6 @@ fn is_compact_jws(token: &str) -> bool {
                 && segment
                     .bytes()
                     .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_')
-        })
-}
-
-/// RFC 1123 label as Kubernetes uses it: at most 63 characters of `a-z`,
-/// `0-9` and `-`, starting and ending with an alphanumeric character.
-pub fn is_dns1123_label(value: &str) -> bool {
-    let bytes = value.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || *byte == b'-')
-        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
-}
-
-/// RFC 1123 subdomain as Kubernetes uses it: at most 253 characters,
-/// dot-separated labels of `a-z`, `0-9` and `-`, each starting and ending
-/// with an alphanumeric character.
-pub fn is_dns1123_subdomain(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= 253
-        && value.split('.').all(|label| {
-            let bytes = label.as_bytes();
-            !bytes.is_empty()
-                && bytes
-                    .iter()
-                    .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || *byte == b'-')
-                && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-                && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
         })
 }
 

@@ -14,14 +14,14 @@ use tokio::net::UnixListener;
 
 use super::controller::ControllerCapabilitiesServer;
 use super::identity::{DRIVER_NAME, IdentityService};
-use super::mounter::{MountState, Mounter};
-use super::node::{NodeConfig, NodeService, new_request_id};
-use super::push::PushState;
-use super::registry::{Registry, RegistryError};
-use super::reports::ReportSink;
-use super::resolver::{CustodyClientConfig, CustodyClientError, CustodyResolver};
-use super::target_path::{TargetPathError, TargetPathPolicy};
-use super::volumes::TokenUpdate;
+use crate::csi::converge::push::PushState;
+use crate::csi::converge::reports::ReportSink;
+use crate::csi::converge::resolver::{CustodyClientConfig, CustodyClientError, CustodyResolver};
+use crate::csi::converge::{NodeConfig, NodeService, new_request_id};
+use crate::csi::volume::mounter::{MountState, Mounter};
+use crate::csi::volume::registry::{Registry, RegistryError};
+use crate::csi::volume::table::TokenUpdate;
+use crate::csi::volume::target_path::{TargetPathError, TargetPathPolicy};
 use crate::proto::csi::v1::identity_server::IdentityServer;
 use crate::proto::csi::v1::node_server::NodeServer;
 
@@ -288,9 +288,15 @@ pub async fn run(
         "registry loaded"
     );
     let push_state = Arc::new(PushState::default());
-    let push = tokio::spawn(super::push::run(node.clone(), push_state.clone()));
-    let expiry = tokio::spawn(super::expiry::run(node.clone()));
-    let reporter = tokio::spawn(super::reports::run(resolver.clone(), report_queue));
+    let push = tokio::spawn(crate::csi::converge::push::run(
+        node.clone(),
+        push_state.clone(),
+    ));
+    let expiry = tokio::spawn(crate::csi::converge::expiry::run(node.clone()));
+    let reporter = tokio::spawn(crate::csi::converge::reports::run(
+        resolver.clone(),
+        report_queue,
+    ));
     let identity = IdentityService::new(resolver).with_push_state(push_state);
 
     let listener = bind_socket(&socket).map_err(|source| NodePluginError::Socket {
