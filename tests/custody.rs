@@ -284,10 +284,13 @@ async fn resolves_only_the_granted_keys() {
     }
     assert_eq!(line["podUID"], pod.uid.as_str());
     assert_eq!(line["node"], f.node.as_str());
+    // The Event is a series per grant (the pods are in the audit lines),
+    // related to the agent.
     wait_for_desc("SecretResolved Event", WAIT, async || {
         f.events("SecretResolved").await.into_iter().find(|e| {
             e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("db")
-                && e.related.as_ref().and_then(|r| r.name.as_deref()) == Some("agent")
+                && e.related.as_ref().and_then(|r| r.kind.as_deref()) == Some("AgentIdentity")
+                && e.related.as_ref().and_then(|r| r.name.as_deref()) == Some("bot")
         })
     })
     .await;
@@ -426,8 +429,10 @@ async fn denials_are_refused_audited_and_recorded() {
     f.expect_denied(narrowed, Code::PermissionDenied, "GrantNotHeld")
         .await;
 
-    // A deleted pod: its token still passes TokenReview for a while (the API
-    // server caches reviews), but custody checks the Pod object.
+    // A deleted pod: custody no longer reads the Pod (the token's claims name
+    // pod, UID and node), so the decision is the API server's TokenReview,
+    // which refuses a deleted pod's token once its review cache (10 s) lets
+    // go of it. Kubelet publishes no volume for a deleted pod meanwhile.
     let doomed = f.pod("doomed", "bot-sa", &node).await;
     assert!(
         f.resolve(f.request(&doomed)).await.is_ok(),
@@ -443,7 +448,17 @@ async fn denials_are_refused_audited_and_recorded() {
         )
         .await
         .unwrap();
-    f.expect_denied(f.request(&doomed), Code::PermissionDenied, "PodNotFound")
+    wait_for_desc("the deleted pod's token refused", WAIT, async || {
+        match f.resolve(f.request(&doomed)).await {
+            Err(status) => Some(status),
+            Ok(_) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                None
+            }
+        }
+    })
+    .await;
+    f.expect_denied(f.request(&doomed), Code::Unauthenticated, "TokenRejected")
         .await;
 
     // And the control: the legitimate pod resolves.

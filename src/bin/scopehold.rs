@@ -8,13 +8,15 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use clap::{Parser, Subcommand};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use prometheus_client::registry::Registry;
 use scopehold::controller::leader::{Leadership, LeaseSettings};
 use scopehold::controller::{self, Metrics, Settings};
+use scopehold::custody::metrics::CustodyMetrics;
 use scopehold::custody::resolutions::ResolutionLog;
 use scopehold::custody::server::{CustodyService, NodePluginAccount};
 use scopehold::custody::tls::{self, TlsSettings};
+use scopehold::event_series::EventSink;
 use scopehold::proto::scopehold::v1::custody_server::CustodyServer;
 use scopehold::telemetry::{self, LogFormat};
 
@@ -135,6 +137,13 @@ struct CustodyArgs {
     /// How often resolution counts are written into statuses.
     #[arg(long, env = "SCOPEHOLD_STATUS_FLUSH_MS", default_value_t = 1000)]
     status_flush_ms: u64,
+    /// How often custody's Event series (resolutions, denials, node reports)
+    /// are written: each series is one write per interval at most.
+    #[arg(long, env = "SCOPEHOLD_EVENT_FLUSH_MS", default_value_t = 1000)]
+    event_flush_ms: u64,
+    /// On shutdown, how long to keep writing pending Events and statuses.
+    #[arg(long, env = "SCOPEHOLD_SHUTDOWN_FLUSH_SECONDS", default_value_t = 5)]
+    shutdown_flush_seconds: u64,
 }
 
 #[derive(clap::Args)]
@@ -241,6 +250,17 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         .map_err(CliError::Client)?;
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
+    let custody_parts = args.custody_listen.map(|_| {
+        let events = EventSink::new(
+            client.clone(),
+            Reporter {
+                controller: "scopehold-custody".into(),
+                instance: args.instance.clone(),
+            },
+        );
+        events.register(&mut registry);
+        (events, CustodyMetrics::register(&mut registry))
+    });
     let ready = Arc::new(AtomicBool::new(false));
     let listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
@@ -262,8 +282,18 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         concurrency: args.concurrency,
     };
     let (caches, writers) = scopehold::caches::new();
-    if let Some(addr) = args.custody_listen {
-        serve_custody(addr, &args.custody, client.clone(), caches.clone()).await?;
+    let mut flush_on_exit = None;
+    if let (Some(addr), Some((events, custody_metrics))) = (args.custody_listen, custody_parts) {
+        let resolutions = serve_custody(
+            addr,
+            &args.custody,
+            client.clone(),
+            caches.clone(),
+            events.clone(),
+            custody_metrics,
+        )
+        .await?;
+        flush_on_exit = Some((events, resolutions));
     }
     let leadership = if args.lease.leader_election {
         let identity = args
@@ -300,27 +330,50 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         }
     });
     controller::run(
-        client,
+        client.clone(),
         settings,
         metrics,
-        caches,
+        caches.clone(),
         writers,
         ready,
         leadership.is_leader.clone(),
     )
     .await;
+    // Nothing recorded is lost on shutdown: pending Event series and
+    // resolution counts are written, bounded by a deadline.
+    if let Some((events, resolutions)) = flush_on_exit {
+        let deadline = std::time::Instant::now()
+            + std::time::Duration::from_secs(args.custody.shutdown_flush_seconds);
+        let written = events.close(deadline).await;
+        let statuses = tokio::time::timeout_at(
+            tokio::time::Instant::from_std(deadline),
+            resolutions.flush(&client, &caches),
+        )
+        .await
+        .unwrap_or(0);
+        tracing::info!(
+            events_created = written.created,
+            events_patched = written.patched,
+            events_left = written.left,
+            status_writes = statuses,
+            "flushed Events and resolution statuses"
+        );
+    }
     leadership.release().await;
     tracing::info!("controller stopped");
     Ok(())
 }
 
-/// Binds the custody listener and serves it in the background.
+/// Binds the custody listener and serves it in the background; returns the
+/// resolution log, for the final flush.
 async fn serve_custody(
     addr: SocketAddr,
     args: &CustodyArgs,
     client: kube::Client,
     caches: scopehold::caches::Caches,
-) -> Result<(), CliError> {
+    events: EventSink,
+    metrics: Arc<CustodyMetrics>,
+) -> Result<Arc<ResolutionLog>, CliError> {
     let tls = if args.custody_plaintext {
         tracing::warn!("custody serves plaintext (--custody-plaintext): development only");
         None
@@ -357,19 +410,18 @@ async fn serve_custody(
         let (resolutions, client, caches) = (resolutions.clone(), client.clone(), caches.clone());
         tokio::spawn(async move { resolutions.run(client, caches, flush_every).await });
     }
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "scopehold-custody".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        },
-    );
+    {
+        let events = events.clone();
+        let every = std::time::Duration::from_millis(args.event_flush_ms.max(50));
+        tokio::spawn(events.run(every));
+    }
     let service = CustodyService::new(
         client,
         caches,
-        recorder,
+        events,
         args.node_service_account.clone(),
-        resolutions,
+        resolutions.clone(),
+        metrics,
     );
     // TCP_NODELAY: without it Nagle's algorithm held ~1.4% of Resolve replies
     // for ~40 ms (BENCHMARKS.md, NodePublishVolume end to end).
@@ -396,7 +448,7 @@ async fn serve_custody(
             tracing::error!(%error, "custody server stopped");
         }
     });
-    Ok(())
+    Ok(resolutions)
 }
 
 async fn run_node(args: NodeArgs) -> Result<(), CliError> {

@@ -5,6 +5,7 @@
 pub mod caller_cache;
 pub mod decide;
 pub mod invalidations;
+pub mod metrics;
 pub mod resolutions;
 pub mod server;
 pub mod tls;

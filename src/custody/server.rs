@@ -8,13 +8,14 @@ use std::time::Instant;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::{Api, Client, Resource, ResourceExt};
 use tonic::{Request, Response, Status};
 
 use super::caller_cache::CallerCache;
 use super::decide::{self, Denial, DenyReason, GrantedFile, PodAsk};
 use super::invalidations::{self, InvalidationStream};
+use super::metrics::{CallerLabel, Counted, CustodyMetrics};
 use super::resolutions::ResolutionLog;
 use super::token_review::{self, ReviewError, TokenClaims};
 use crate::api::grant::Resolution;
@@ -22,6 +23,7 @@ use crate::api::validation::{is_dns1123_label, is_dns1123_subdomain};
 use crate::api::{AgentIdentity, SecretGrant, TOKEN_AUDIENCE};
 use crate::audit::{AuditRecord, Decision};
 use crate::caches::Caches;
+use crate::event_series::{EventSink, Occurrence};
 use crate::policy::evaluate::{AgentState, GrantEvaluation, SecretState, evaluate_grant};
 use crate::proto::scopehold::v1 as pb;
 use crate::secrets::SecretBytes;
@@ -51,29 +53,32 @@ impl std::str::FromStr for NodePluginAccount {
 pub struct CustodyService {
     client: Client,
     caches: Caches,
-    recorder: Recorder,
+    events: EventSink,
     node_account: NodePluginAccount,
     resolutions: Arc<ResolutionLog>,
     request_seq: AtomicU64,
     callers: CallerCache,
+    metrics: Arc<CustodyMetrics>,
 }
 
 impl CustodyService {
     pub fn new(
         client: Client,
         caches: Caches,
-        recorder: Recorder,
+        events: EventSink,
         node_account: NodePluginAccount,
         resolutions: Arc<ResolutionLog>,
+        metrics: Arc<CustodyMetrics>,
     ) -> Self {
         CustodyService {
             client,
             caches,
-            recorder,
+            events,
             node_account,
             resolutions,
             request_seq: AtomicU64::new(0),
             callers: CallerCache::default(),
+            metrics,
         }
     }
 
@@ -102,6 +107,12 @@ impl CustodyService {
         if let Some(node) = self.callers.node_of(token, Instant::now()) {
             return Ok(node);
         }
+        self.metrics
+            .token_reviews
+            .get_or_create(&CallerLabel {
+                token: "node_plugin",
+            })
+            .inc();
         let claims = token_review::review(&self.client, token, TOKEN_AUDIENCE)
             .await
             .map_err(|e| match e {
@@ -160,18 +171,19 @@ impl CustodyService {
                 "pod_namespace and pod_name must be Kubernetes object names".into(),
             ));
         }
-        // The review and the Pod read are independent round trips: run them
-        // together. The Pod is read by the requested name, which the claims
-        // check below ties to the token before the Pod is looked at.
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &req.pod_namespace);
-        let (review, pod) = tokio::join!(
-            token_review::review(&self.client, &req.pod_token, TOKEN_AUDIENCE),
-            pods.get_opt(&req.pod_name),
-        );
-        let claims: TokenClaims = review.map_err(|e| match e {
-            ReviewError::Api(_) => Refusal::Unavailable(format!("verifying the pod token: {e}")),
-            other => Refusal::denied(DenyReason::TokenRejected, other.to_string()),
-        })?;
+        self.metrics
+            .token_reviews
+            .get_or_create(&CallerLabel { token: "pod" })
+            .inc();
+        let claims: TokenClaims =
+            token_review::review(&self.client, &req.pod_token, TOKEN_AUDIENCE)
+                .await
+                .map_err(|e| match e {
+                    ReviewError::Api(_) => {
+                        Refusal::Unavailable(format!("verifying the pod token: {e}"))
+                    }
+                    other => Refusal::denied(DenyReason::TokenRejected, other.to_string()),
+                })?;
         let ask = PodAsk {
             namespace: &req.pod_namespace,
             name: &req.pod_name,
@@ -179,8 +191,21 @@ impl CustodyService {
             service_account: &req.service_account_name,
         };
         decide::check_pod_claims(&claims, &ask, node).map_err(Refusal::Denied)?;
-        let pod = pod.map_err(|e| Refusal::Unavailable(format!("reading the pod: {e}")))?;
-        check_pod_object(&claims, pod, node)?;
+        // One API request per publish: the verified token names the pod, its
+        // UID and its node (Kubernetes 1.30+ adds the node claims to
+        // pod-bound tokens), and the API server refuses to bind a token to a
+        // pod of another ServiceAccount. Only a token without node claims
+        // (older clusters, or a pod bound before its Node existed) needs the
+        // Pod object to learn the node.
+        if claims.node_name.is_none() {
+            self.metrics.pod_reads.inc();
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &req.pod_namespace);
+            let pod = pods
+                .get_opt(&req.pod_name)
+                .await
+                .map_err(|e| Refusal::Unavailable(format!("reading the pod: {e}")))?;
+            check_pod_object(&claims, pod, node)?;
+        }
 
         let identity = decide::select_identity(
             self.caches
@@ -280,9 +305,11 @@ impl CustodyService {
                 digest: evaluation.content_digest.clone(),
             },
         );
+        // One Event series per grant and content: the pods are in the audit
+        // lines, so a burst of mounts is a few Event writes, not one each.
         let note = format!(
-            "pod {} on node {node} received keys {} of Secret {} (digest {})",
-            req.pod_name,
+            "agent {} received keys {} of Secret {} (digest {}); each pod is in the audit log",
+            identity.name_any(),
             grant.key_names().join(","),
             grant.spec.secret_name,
             evaluation.content_digest.as_deref().unwrap_or("-")
@@ -292,7 +319,7 @@ impl CustodyService {
             EventType::Normal,
             note,
             grant.object_ref(&()),
-            pod_reference(req),
+            Some(identity.object_ref(&())),
         );
     }
 
@@ -329,18 +356,19 @@ impl CustodyService {
             EventType::Warning,
             note,
             regarding,
-            pod_reference(req),
+            Some(pod_reference(req)),
         );
     }
 
-    /// Events are published in the background: the mount must not wait on them.
+    /// Events are counted into series and written in the background: the
+    /// mount waits for neither.
     fn publish_event(
         &self,
         reason: &str,
         type_: EventType,
         note: String,
         regarding: ObjectReference,
-        related: ObjectReference,
+        related: Option<ObjectReference>,
     ) {
         self.publish_event_as("Resolve", reason, type_, note, regarding, related);
     }
@@ -352,21 +380,66 @@ impl CustodyService {
         type_: EventType,
         note: String,
         regarding: ObjectReference,
-        related: ObjectReference,
+        related: Option<ObjectReference>,
     ) {
-        let recorder = self.recorder.clone();
-        let event = Event {
-            type_,
+        self.events.record(Occurrence {
+            regarding,
+            related,
             reason: reason.to_owned(),
-            note: Some(note.chars().take(1000).collect()),
             action: action.to_owned(),
-            secondary: Some(related),
-        };
-        tokio::spawn(async move {
-            if let Err(error) = recorder.publish(&event, &regarding).await {
-                tracing::warn!(reason = %event.reason, %error, "publishing Event failed");
-            }
+            type_,
+            note,
         });
+    }
+}
+
+impl CustodyService {
+    /// Resolve, with the denial reason (for the decision metric) beside the
+    /// status.
+    async fn resolve_counted(
+        &self,
+        request: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::ResolveResponse>, (Status, Option<String>)> {
+        let node = self
+            .authenticate_caller(&request)
+            .await
+            .map_err(|s| (s, None))?;
+        let req = request.into_inner();
+        let request_id = self.request_id(&req.request_id);
+        match self.resolve_inner(&req, &node, &request_id).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(Refusal::Invalid(message)) => Err((
+                Status::invalid_argument(message),
+                Some("InvalidRequest".to_owned()),
+            )),
+            Err(Refusal::Unavailable(message)) => {
+                Err((Status::unavailable(message), Some("Unavailable".to_owned())))
+            }
+            Err(Refusal::Denied(denial)) => {
+                // The identity, when there is one, is the natural subject of
+                // the denial Event (kubectl describe agentidentity shows it).
+                let identity = if req.service_account_name.is_empty() {
+                    None
+                } else {
+                    self.caches
+                        .identities_claiming(&req.pod_namespace, &req.service_account_name)
+                        .into_iter()
+                        .next()
+                };
+                self.audit_denied(&denial, identity.as_deref(), &req, &node, &request_id);
+                Err((
+                    denial_status(&denial),
+                    Some(denial.reason.as_str().to_owned()),
+                ))
+            }
+            Err(Refusal::DeniedFor(denial, identity)) => {
+                self.audit_denied(&denial, identity.as_deref(), &req, &node, &request_id);
+                Err((
+                    denial_status(&denial),
+                    Some(denial.reason.as_str().to_owned()),
+                ))
+            }
+        }
     }
 }
 
@@ -429,32 +502,23 @@ impl pb::custody_server::Custody for CustodyService {
         &self,
         request: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::ResolveResponse>, Status> {
-        let node = self.authenticate_caller(&request).await?;
-        let req = request.into_inner();
-        let request_id = self.request_id(&req.request_id);
-        match self.resolve_inner(&req, &node, &request_id).await {
-            Ok(response) => Ok(Response::new(response)),
-            Err(Refusal::Invalid(message)) => Err(Status::invalid_argument(message)),
-            Err(Refusal::Unavailable(message)) => Err(Status::unavailable(message)),
-            Err(Refusal::Denied(denial)) => {
-                // The identity, when there is one, is the natural subject of
-                // the denial Event (kubectl describe agentidentity shows it).
-                let identity = if req.service_account_name.is_empty() {
-                    None
-                } else {
-                    self.caches
-                        .identities_claiming(&req.pod_namespace, &req.service_account_name)
-                        .into_iter()
-                        .next()
-                };
-                self.audit_denied(&denial, identity.as_deref(), &req, &node, &request_id);
-                Err(denial_status(&denial))
-            }
-            Err(Refusal::DeniedFor(denial, identity)) => {
-                self.audit_denied(&denial, identity.as_deref(), &req, &node, &request_id);
-                Err(denial_status(&denial))
-            }
-        }
+        let started = Instant::now();
+        let answer = self.resolve_counted(request).await;
+        let (result, reason) = match &answer {
+            Ok(_) => ("allowed", "Granted".to_owned()),
+            Err((status, reason)) => (
+                match status.code() {
+                    tonic::Code::InvalidArgument => "invalid",
+                    tonic::Code::Unavailable => "unavailable",
+                    tonic::Code::Unauthenticated if reason.is_none() => "unauthenticated",
+                    _ => "denied",
+                },
+                reason.clone().unwrap_or_else(|| "Caller".to_owned()),
+            ),
+        };
+        self.metrics
+            .decided(result, &reason, started.elapsed().as_secs_f64());
+        answer.map_err(|(status, _)| status)
     }
 
     type WatchInvalidationsStream = InvalidationStream;
@@ -465,7 +529,11 @@ impl pb::custody_server::Custody for CustodyService {
     ) -> Result<Response<Self::WatchInvalidationsStream>, Status> {
         let node = self.authenticate_caller(&request).await?;
         tracing::info!(%node, "node plugin subscribed to invalidations");
-        Ok(Response::new(invalidations::stream_for(&self.caches)))
+        let stream = Counted::new(
+            invalidations::stream_for(&self.caches),
+            self.metrics.clone(),
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn grant_states(
@@ -556,14 +624,9 @@ impl CustodyService {
                     name: Some(report.grant.clone()),
                     ..Default::default()
                 });
-            let related = ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                namespace: Some(report.namespace.clone()),
-                name: Some(report.pod_name.clone()),
-                uid: (!report.pod_uid.is_empty()).then(|| report.pod_uid.clone()),
-                ..Default::default()
-            };
+            // Per grant and reason, not per pod or node: a rotation reaching
+            // 200 pods is one series. The node plugin writes an audit line per
+            // pod; custody adds one naming the reporting node.
             let keys = report.keys.join(",");
             let digest = if report.content_digest.is_empty() {
                 "-"
@@ -572,12 +635,12 @@ impl CustodyService {
             };
             let note = match event {
                 "ContentWithdrawn" => format!(
-                    "node {node} withdrew keys {keys} of Secret {} (digest {digest}) from running pod {} ({})",
-                    report.secret, report.pod_name, report.reason
+                    "keys {keys} of Secret {} withdrawn from running pods ({}); each pod is in the audit log",
+                    report.secret, report.reason
                 ),
                 _ => format!(
-                    "node {node} replaced keys {keys} of Secret {} in running pod {} (new digest {digest})",
-                    report.secret, report.pod_name
+                    "keys {keys} of Secret {} replaced in running pods (new digest {digest}); each pod is in the audit log",
+                    report.secret
                 ),
             };
             let action = if event == "ContentWithdrawn" {
@@ -585,7 +648,31 @@ impl CustodyService {
             } else {
                 "Rotate"
             };
-            self.publish_event_as(action, event, EventType::Normal, note, regarding, related);
+            let decision = if event == "ContentWithdrawn" {
+                Decision::Denied
+            } else {
+                Decision::Changed
+            };
+            let mut record = AuditRecord::new(event, decision, &report.namespace);
+            record.reason = (!report.reason.is_empty()).then(|| report.reason.clone());
+            record.agent = (!report.agent.is_empty()).then(|| report.agent.clone());
+            record.pod = Some(report.pod_name.clone());
+            record.pod_uid = (!report.pod_uid.is_empty()).then(|| report.pod_uid.clone());
+            record.node = Some(node.to_owned());
+            record.grant = Some(report.grant.clone());
+            record.secret = (!report.secret.is_empty()).then(|| report.secret.clone());
+            record.keys = report.keys.clone();
+            record.content_digest =
+                (!report.content_digest.is_empty()).then(|| report.content_digest.clone());
+            record.message = Some(format!("reported by the node plugin on node {node}"));
+            record.emit();
+            self.publish_event_as(action, event, EventType::Normal, note, regarding, None);
+            self.metrics
+                .reports
+                .get_or_create(&super::metrics::KindLabel {
+                    kind: event.to_owned(),
+                })
+                .inc();
             accepted += 1;
         }
         accepted

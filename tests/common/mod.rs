@@ -15,6 +15,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
 pub mod objects;
+pub mod scrape;
 pub mod stack;
 
 use std::collections::BTreeMap;
