@@ -448,6 +448,7 @@ async fn run_scenario(
                         key: "value".into(),
                         path: Some(FILE.into()),
                         mode: None,
+                        proxy: None,
                     }],
                     reason: Some("benchmark".into()),
                     ..Default::default()

@@ -36,6 +36,8 @@ declare -A APT_PKGS=(
   [mount]=mount
   [cc]=gcc
   [git]=git
+  [curl]=curl
+  [python3]=python3
 )
 missing=()
 for cmd in "${!APT_PKGS[@]}"; do
@@ -45,6 +47,14 @@ if ((${#missing[@]})); then
   log "installing ${missing[*]}"
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# tests/proxy.rs drives Python `requests` through the proxy sidecar, as agents do.
+if ! python3 -c 'import requests' 2>/dev/null; then
+  log "installing python requests"
+  python3 -m pip install -q requests 2>/dev/null || {
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-requests
+  }
 fi
 
 # --- Go tools from the Go module proxy ------------------------------------------

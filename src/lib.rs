@@ -17,5 +17,6 @@ pub mod demo;
 pub mod event_series;
 pub mod policy;
 pub mod proto;
+pub mod proxy;
 pub mod secrets;
 pub mod telemetry;

@@ -207,6 +207,7 @@ async fn resolves_only_the_granted_keys() {
                 key: "service-key".into(),
                 path: Some("supabase-key".into()),
                 mode: Some(0o400),
+                proxy: None,
             },
             key("url"),
         ],

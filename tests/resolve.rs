@@ -249,11 +249,13 @@ async fn granted_keys_appear_as_files_on_a_tmpfs_and_nothing_else() {
                 key: "service-key".into(),
                 path: Some("supabase-key".into()),
                 mode: None,
+                proxy: None,
             },
             GrantedKey {
                 key: "url".into(),
                 path: None,
                 mode: Some(0o400),
+                proxy: None,
             },
         ],
         |_| {},

@@ -174,6 +174,7 @@ impl Stack {
                 key: "value".into(),
                 path: Some(file.into()),
                 mode: None,
+                proxy: None,
             }],
             ..Default::default()
         };

@@ -34,6 +34,17 @@ fn valid_grant(name: &str) -> Value {
     })
 }
 
+/// A `delivery: proxy` grant the schema accepts.
+fn valid_proxy_grant(name: &str) -> Value {
+    let mut o = valid_grant(name);
+    o["spec"]["delivery"] = json!("proxy");
+    o["spec"]["keys"][0]["proxy"] = json!({
+        "hosts": ["api.openai.com", "*.example.com:8443"],
+        "header": {"name": "Authorization", "template": "Bearer {value}"},
+    });
+    o
+}
+
 fn valid_identity(name: &str) -> Value {
     json!({
         "apiVersion": "scopehold.dev/v1alpha1",
@@ -145,6 +156,83 @@ fn cases() -> Vec<Case> {
             message: "should match '^([0-9]{1,9}[hms])+$'",
         },
         Case {
+            what: "proxy grant whose key has no proxy settings",
+            kind: Kind::Grant,
+            edit: |o| o["spec"]["delivery"] = json!("proxy"),
+            field: "spec:",
+            message: "delivery: proxy needs keys[].proxy (hosts and an injection) on every key",
+        },
+        Case {
+            what: "proxy grant without hosts",
+            kind: Kind::Grant,
+            edit: |o| {
+                *o = valid_proxy_grant("x");
+                o["spec"]["keys"][0]["proxy"]["hosts"] = json!([]);
+            },
+            field: "spec.keys[0].proxy.hosts",
+            message: "a proxied key needs at least one host",
+        },
+        Case {
+            what: "proxy template that does not use the value",
+            kind: Kind::Grant,
+            edit: |o| {
+                *o = valid_proxy_grant("x");
+                o["spec"]["keys"][0]["proxy"]["header"]["template"] = json!("Bearer token");
+            },
+            field: "spec.keys[0].proxy.header.template",
+            message: "template must contain {value}",
+        },
+        Case {
+            what: "proxy key with two injections",
+            kind: Kind::Grant,
+            edit: |o| {
+                *o = valid_proxy_grant("x");
+                o["spec"]["keys"][0]["proxy"]["replacePlaceholder"] = json!(true);
+            },
+            field: "spec.keys[0].proxy",
+            message: "set exactly one injection: header, basicAuth or replacePlaceholder: true",
+        },
+        Case {
+            what: "proxy key with no injection",
+            kind: Kind::Grant,
+            edit: |o| {
+                *o = valid_proxy_grant("x");
+                o["spec"]["keys"][0]["proxy"] = json!({"hosts": ["api.openai.com"]});
+            },
+            field: "spec.keys[0].proxy",
+            message: "set exactly one injection: header, basicAuth or replacePlaceholder: true",
+        },
+        Case {
+            what: "proxy host given as a URL",
+            kind: Kind::Grant,
+            edit: |o| {
+                *o = valid_proxy_grant("x");
+                o["spec"]["keys"][0]["proxy"]["hosts"] = json!(["https://api.openai.com"]);
+            },
+            field: "spec.keys[0].proxy.hosts[0]",
+            message: "should match",
+        },
+        Case {
+            what: "proxy template setting the Host header",
+            kind: Kind::Grant,
+            edit: |o| {
+                *o = valid_proxy_grant("x");
+                o["spec"]["keys"][0]["proxy"]["header"]["name"] = json!("Host");
+            },
+            field: "spec.keys[0].proxy.header.name",
+            message: "the proxy cannot set this header",
+        },
+        Case {
+            what: "proxy settings on a file grant",
+            kind: Kind::Grant,
+            edit: |o| {
+                *o = valid_proxy_grant("x");
+                o["spec"]["delivery"] = json!("file");
+            },
+            field: "spec:",
+            message: "keys[].proxy is only used with delivery: proxy",
+        },
+        Case {
             what: "AgentIdentity maxGrantTTL 1d",
             kind: Kind::Identity,
             edit: |o| o["spec"]["maxGrantTTL"] = json!("1d"),
@@ -244,6 +332,7 @@ async fn kubectl_apply_refuses_malformed_objects_with_the_rule_message() {
     // Positive control: the unbroken objects apply through the same path.
     for (kind, object) in [
         (Kind::Grant, valid_grant("control")),
+        (Kind::Grant, valid_proxy_grant("control-proxy")),
         (Kind::Identity, valid_identity("control")),
     ] {
         let file = manifest(&serde_yaml::to_string(&object).unwrap());
@@ -253,7 +342,8 @@ async fn kubectl_apply_refuses_malformed_objects_with_the_rule_message() {
             "valid {kind:?} refused: {}",
             describe(&out)
         );
-        assert!(exists(&client, &ns, kind, "control").await);
+        let name = object["metadata"]["name"].as_str().unwrap();
+        assert!(exists(&client, &ns, kind, name).await);
     }
 
     for (i, case) in cases().iter().enumerate() {
@@ -295,6 +385,8 @@ async fn kube_rs_create_gets_422_with_the_rule_message() {
     // Positive control through the same typed path.
     let grant: SecretGrant = serde_json::from_value(valid_grant("control")).unwrap();
     grants.create(&pp, &grant).await.expect("valid grant");
+    let grant: SecretGrant = serde_json::from_value(valid_proxy_grant("control-proxy")).unwrap();
+    grants.create(&pp, &grant).await.expect("valid proxy grant");
     let identity: AgentIdentity = serde_json::from_value(valid_identity("control")).unwrap();
     identities
         .create(&pp, &identity)

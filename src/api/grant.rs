@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use super::delivery::{DeliveryMode, KeyProxy};
 use super::duration::DURATION_PATTERN;
 use super::validation::{
     FILE_NAME_CEL, FILE_NAME_CEL_MESSAGE, FILE_NAME_PATTERN, SECRET_KEY_PATTERN,
@@ -30,6 +31,12 @@ use super::validation::{
     printcolumn(name = "Agent", type_ = "string", json_path = ".spec.agent"),
     printcolumn(name = "Secret", type_ = "string", json_path = ".spec.secretName"),
     printcolumn(name = "Keys", type_ = "string", json_path = ".spec.keys[*].key"),
+    printcolumn(name = "Delivery", type_ = "string", json_path = ".spec.delivery"),
+    printcolumn(
+        name = "Hosts",
+        type_ = "string",
+        json_path = ".spec.keys[*].proxy.hosts[*]"
+    ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
     printcolumn(
@@ -39,6 +46,8 @@ use super::validation::{
     )
 )]
 #[x_kube(validation = Rule::new("!(has(self.ttl) && has(self.expiresAt))").message("set at most one of ttl and expiresAt"))]
+#[x_kube(validation = Rule::new("!has(self.delivery) || self.delivery != 'proxy' || self.keys.all(k, has(k.proxy))").message("delivery: proxy needs keys[].proxy (hosts and an injection) on every key"))]
+#[x_kube(validation = Rule::new("(has(self.delivery) && self.delivery == 'proxy') || self.keys.all(k, !has(k.proxy))").message("keys[].proxy is only used with delivery: proxy"))]
 #[serde(rename_all = "camelCase")]
 pub struct SecretGrantSpec {
     /// Name of the AgentIdentity (same namespace) that receives the keys.
@@ -75,6 +84,12 @@ pub struct SecretGrantSpec {
     #[serde(default)]
     pub revoked: bool,
 
+    /// `file` (default): the keys are files in the agent's volume. `proxy`:
+    /// the agent never holds them; the pod's `scopehold proxy` sidecar injects
+    /// each into requests to the hosts its `proxy` names.
+    #[serde(default)]
+    pub delivery: DeliveryMode,
+
     /// Why the agent needs these keys; shown in audit records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
@@ -103,6 +118,11 @@ pub struct GrantedKey {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 511))]
     pub mode: Option<i32>,
+
+    /// With `delivery: proxy`: the hosts this key may be sent to and how the
+    /// proxy injects it. Required then, refused otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<KeyProxy>,
 }
 
 impl GrantedKey {

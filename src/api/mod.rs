@@ -2,11 +2,13 @@
 //! condition builders and validation helpers. Nothing here talks to a cluster.
 
 pub mod conditions;
+pub mod delivery;
 pub mod duration;
 pub mod grant;
 pub mod identity;
 pub mod validation;
 
+pub use delivery::{DeliveryMode, KeyProxy};
 pub use grant::{GrantPhase, GrantedKey, SecretGrant, SecretGrantSpec, SecretGrantStatus};
 pub use identity::{AgentIdentity, AgentIdentitySpec, AgentIdentityStatus};
 

@@ -37,6 +37,8 @@ enum Command {
     Controller(Box<ControllerArgs>),
     /// Serve the CSI node plugin (Identity and Node services) on a unix socket.
     Node(Box<NodeArgs>),
+    /// Run the credential-injecting sidecar of delivery mode `proxy`.
+    Proxy(Box<ProxyArgs>),
     /// Print the CRDs as YAML, or write them into a directory.
     Crdgen {
         /// Write one file per CRD into this directory instead of stdout.
@@ -200,8 +202,53 @@ struct NodeArgs {
     log_format: LogFormat,
 }
 
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Where the agent's HTTPS_PROXY/HTTP_PROXY point (loopback).
+    #[arg(
+        long,
+        env = "SCOPEHOLD_PROXY_LISTEN",
+        default_value = "127.0.0.1:15001"
+    )]
+    listen: SocketAddr,
+    /// The sidecar's own CSI volume with the real values.
+    #[arg(
+        long,
+        env = "SCOPEHOLD_PROXY_VALUES_DIR",
+        default_value = "/var/run/scopehold/values"
+    )]
+    values_dir: PathBuf,
+    /// The volume shared with the agent: placeholders and the CA certificate.
+    #[arg(
+        long,
+        env = "SCOPEHOLD_PROXY_AGENT_DIR",
+        default_value = "/var/run/scopehold/agent"
+    )]
+    agent_dir: PathBuf,
+    /// The proxy rules (JSON), as `kubectl scopehold inject` or the webhook
+    /// rendered them from the agent's grants.
+    #[arg(long, env = "SCOPEHOLD_PROXY_RULES")]
+    rules: String,
+    /// This pod's name, for audit lines.
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pod: String,
+    /// Extra PEM CA bundles trusted for upstream TLS (private APIs, tests).
+    #[arg(long, env = "SCOPEHOLD_PROXY_UPSTREAM_CA", value_delimiter = ',')]
+    upstream_ca: Vec<PathBuf>,
+    /// How often (ms) the values volume is checked for rotation/revocation.
+    #[arg(long, env = "SCOPEHOLD_PROXY_POLL_MS", default_value_t = 100)]
+    poll_ms: u64,
+    /// Log format on stdout.
+    #[arg(long, env = "SCOPEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+}
+
 #[derive(Debug, thiserror::Error)]
 enum CliError {
+    #[error("proxy: {0}")]
+    Proxy(#[from] scopehold::proxy::ProxyError),
+    #[error("proxy rules: {0}")]
+    ProxyRules(#[from] scopehold::proxy::rules::RulesError),
     #[error("node plugin: {0}")]
     Node(#[from] scopehold::csi::grpc::server::NodePluginError),
     #[error("leader election: {0}")]
@@ -232,6 +279,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Controller(args) => run_controller(*args).await,
         Command::Node(args) => run_node(*args).await,
+        Command::Proxy(args) => run_proxy(*args).await,
         Command::Crdgen { out_dir } => crdgen(out_dir),
     };
     match result {
@@ -469,6 +517,26 @@ async fn run_node(args: NodeArgs) -> Result<(), CliError> {
         tmpfs_size_bytes: args.tmpfs_size,
     };
     Ok(server::run(settings, server::shutdown_signal()).await?)
+}
+
+async fn run_proxy(args: ProxyArgs) -> Result<(), CliError> {
+    telemetry::init(args.log_format);
+    let rules = scopehold::proxy::ProxyRules::parse(&args.rules)?;
+    let settings = scopehold::proxy::ProxySettings {
+        listen: args.listen,
+        values_dir: args.values_dir,
+        agent_dir: args.agent_dir,
+        rules,
+        pod: args.pod,
+        upstream_ca_files: args.upstream_ca,
+        poll: std::time::Duration::from_millis(args.poll_ms.clamp(10, 5000)),
+    };
+    let (_, serving) = scopehold::proxy::start(settings).await?;
+    tokio::select! {
+        result = serving => result?,
+        _ = scopehold::csi::server::shutdown_signal() => tracing::info!("proxy stopping"),
+    }
+    Ok(())
 }
 
 fn crdgen(out_dir: Option<PathBuf>) -> Result<(), CliError> {

@@ -409,6 +409,7 @@ mod tests {
                         key: "api".into(),
                         path: Some("api-key".into()),
                         mode: Some(0o400),
+                        ..Default::default()
                     },
                     GrantedKey {
                         key: "url".into(),

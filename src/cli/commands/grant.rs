@@ -64,6 +64,7 @@ pub async fn run(ctx: &Ctx, args: &GrantArgs) -> Result<(), CliError> {
         expires_at: lifetime.expires_at.map(Time),
         revoked: false,
         reason: Some(reason.to_owned()),
+        ..Default::default()
     };
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.to_owned()),
@@ -134,6 +135,7 @@ pub fn parse_keys(specs: &[String]) -> Result<Vec<GrantedKey>, CliError> {
             key: key.to_owned(),
             path: path.filter(|p| *p != key).map(str::to_owned),
             mode: None,
+            proxy: None,
         });
     }
     Ok(keys)
