@@ -284,7 +284,12 @@ async fn curl_python_and_rust_use_the_key_without_ever_seeing_it() {
 
     // One audit line per proxied request: names, host, path without query,
     // status; never a value, a token or a placeholder.
-    let audit = f.sidecar.audit();
+    let audit = f
+        .sidecar
+        .audit_until("six ProxyRequest lines", |a| {
+            a.iter().filter(|a| a["event"] == "ProxyRequest").count() >= 6
+        })
+        .await;
     let proxied: Vec<_> = audit
         .iter()
         .filter(|a| a["event"] == "ProxyRequest")
@@ -302,15 +307,12 @@ async fn curl_python_and_rust_use_the_key_without_ever_seeing_it() {
     assert_eq!(proxied[1]["grant"], "openai,search");
     // The tunnel's line is written when the tunnel closes.
     let tunnel_host = format!("127.0.0.1:{}", f.port);
-    until(Duration::from_secs(10), async || {
-        f.sidecar
-            .audit()
-            .iter()
-            .any(|a| a["event"] == "ProxyTunnel" && a["host"] == tunnel_host.as_str())
-            .then_some(())
-    })
-    .await
-    .expect("a ProxyTunnel audit line for the other host");
+    f.sidecar
+        .audit_until("ProxyTunnel for the other host", |a| {
+            a.iter()
+                .any(|a| a["event"] == "ProxyTunnel" && a["host"] == tunnel_host.as_str())
+        })
+        .await;
     for line in f.sidecar.lines() {
         f.assert_agent_blind("a log line", &line);
         assert!(
@@ -366,15 +368,16 @@ async fn rotation_and_revocation_reach_the_next_request() {
         before,
         "a refused request reached the upstream"
     );
-    assert!(
-        f.sidecar
-            .audit()
-            .iter()
-            .any(|a| a["reason"] == "GrantWithdrawn"
-                && a["grant"] == "openai"
-                && a["decision"] == "denied"
-                && a["status"] == 403)
-    );
+    f.sidecar
+        .audit_until("GrantWithdrawn", |a| {
+            a.iter().any(|a| {
+                a["reason"] == "GrantWithdrawn"
+                    && a["grant"] == "openai"
+                    && a["decision"] == "denied"
+                    && a["status"] == 403
+            })
+        })
+        .await;
 
     // Reinstated: injection resumes.
     put_value(&f.values, "api-key", &rotated);
@@ -430,12 +433,11 @@ async fn redirects_and_mismatched_hosts_never_carry_the_value() {
     .await;
     assert!(sni.is_err(), "a mismatched SNI was accepted");
     assert_eq!(f.upstream.seen().len(), n);
-    assert!(
-        f.sidecar
-            .audit()
-            .iter()
-            .any(|a| a["reason"] == "SniMismatch")
-    );
+    f.sidecar
+        .audit_until("SniMismatch", |a| {
+            a.iter().any(|a| a["reason"] == "SniMismatch")
+        })
+        .await;
 
     // Plain http to a granted host: refused, nothing sent.
     let o = f.curl(&[&format!("http://localhost:{}/v1", f.port)]).await;
@@ -449,13 +451,13 @@ async fn an_egress_allow_list_refuses_every_other_host() {
     let o = f.curl(&[&format!("https://127.0.0.1:{}/v1", f.port)]).await;
     assert!(out(&o).contains("403"), "{}", out(&o));
     assert!(f.upstream.seen().is_empty());
-    assert!(
-        f.sidecar
-            .audit()
-            .iter()
-            .any(|a| a["reason"] == "EgressNotAllowed"
-                && a["host"] == format!("127.0.0.1:{}", f.port))
-    );
+    let host = format!("127.0.0.1:{}", f.port);
+    f.sidecar
+        .audit_until("EgressNotAllowed", |a| {
+            a.iter()
+                .any(|a| a["reason"] == "EgressNotAllowed" && a["host"] == host.as_str())
+        })
+        .await;
     let o = f.curl(&[&format!("https://localhost:{}/v1", f.port)]).await;
     assert!(out(&o).contains("HTTP/1.1 200"), "{}", out(&o));
 }

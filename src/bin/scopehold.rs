@@ -534,7 +534,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), CliError> {
     let (_, serving) = scopehold::proxy::start(settings).await?;
     tokio::select! {
         result = serving => result?,
-        _ = scopehold::csi::server::shutdown_signal() => tracing::info!("proxy stopping"),
+        _ = scopehold::csi::grpc::server::shutdown_signal() => tracing::info!("proxy stopping"),
     }
     Ok(())
 }

@@ -240,6 +240,29 @@ impl Sidecar {
     }
 }
 
+impl Sidecar {
+    /// Waits (at most 10 s) until the audit lines satisfy `ok`: lines are
+    /// written when a response body ends and read by another thread.
+    pub async fn audit_until(
+        &self,
+        what: &str,
+        ok: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            let audit = self.audit();
+            if ok(&audit) {
+                return audit;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no audit line: {what}\n{audit:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 impl Drop for Sidecar {
     fn drop(&mut self) {
         let _ = self.child.kill();
