@@ -547,3 +547,58 @@ async fn hostile_requests_touch_nothing_outside_the_target() {
     assert!(!s.kubelet.target_path(&pod.uid, "creds").exists());
     assert!(mounts_below(s.dir.path()).is_empty());
 }
+
+/// A `delivery: proxy` grant lands only in a volume that names it (the proxy
+/// sidecar's); the agent's own plain volume gets the file grants alone.
+#[tokio::test]
+async fn a_proxy_grant_reaches_only_a_volume_that_names_it() {
+    use scopehold::api::delivery::HeaderTemplate;
+    use scopehold::api::{DeliveryMode, KeyProxy};
+    let s = Stack::new("resolve-proxy").await;
+    s.secret(&s.ns, "llm", &[("api-key", "proxy-only-value")])
+        .await;
+    s.secret(&s.ns, "plain", &[("url", "https://db")]).await;
+    s.identity("bot", "bot-sa", false).await;
+    let plain_key = |k: &str| GrantedKey {
+        key: k.into(),
+        ..Default::default()
+    };
+    s.grant("files", "bot", "plain", vec![plain_key("url")], |_| {})
+        .await;
+    let proxied = GrantedKey {
+        proxy: Some(KeyProxy {
+            hosts: vec!["api.openai.com".into()],
+            header: Some(HeaderTemplate {
+                name: "Authorization".into(),
+                template: "Bearer {value}".into(),
+            }),
+            ..Default::default()
+        }),
+        ..plain_key("api-key")
+    };
+    s.grant("openai", "bot", "llm", vec![proxied], |spec| {
+        spec.delivery = DeliveryMode::Proxy
+    })
+    .await;
+    s.await_phase("files", GrantPhase::Active).await;
+    s.await_phase("openai", GrantPhase::Active).await;
+
+    let (agent, token) = s.pod("agent", "bot-sa", &s.node.clone(), None).await;
+    let plain = s.publish(&agent, &token, &[]).await.expect("published");
+    assert_eq!(
+        listing(&plain),
+        ["url"],
+        "the proxy grant's value reached a plain volume"
+    );
+
+    let (sidecar, token) = s.pod("sidecar", "bot-sa", &s.node.clone(), None).await;
+    let named = s
+        .publish(&sidecar, &token, &[("grants", "openai")])
+        .await
+        .expect("published");
+    assert_eq!(listing(&named), ["api-key"]);
+    assert_eq!(
+        std::fs::read(named.join("api-key")).unwrap(),
+        b"proxy-only-value"
+    );
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use kube::ResourceExt;
 
 use super::token_review::TokenClaims;
-use crate::api::{AgentIdentity, SecretGrant};
+use crate::api::{AgentIdentity, DeliveryMode, SecretGrant};
 use crate::policy::evaluate::GrantEvaluation;
 use crate::secrets::SecretBytes;
 
@@ -154,8 +154,11 @@ pub fn select_identity(
     }
 }
 
-/// The grants to hand out: every active one, or exactly the requested ones,
-/// each of which must be active and held by this agent.
+/// The grants to hand out: every active `file` grant, or exactly the
+/// requested ones, each of which must be active and held by this agent.
+/// `proxy` grants go only to a volume that names them (the proxy sidecar's,
+/// which the agent container does not mount): a plain volume of the agent
+/// never receives a value the agent is meant to use without holding.
 pub fn select_grants(
     evaluated: Vec<(Arc<SecretGrant>, GrantEvaluation)>,
     requested: &[String],
@@ -164,10 +167,16 @@ pub fn select_grants(
     let (active, inactive): (Vec<_>, Vec<_>) =
         evaluated.into_iter().partition(|(_, e)| e.is_active());
     if requested.is_empty() {
+        let active: Vec<_> = active
+            .into_iter()
+            .filter(|(g, _)| g.spec.delivery == DeliveryMode::File)
+            .collect();
         if active.is_empty() {
             return Err(Denial::new(
                 DenyReason::NoActiveGrants,
-                format!("agent {agent:?} has no active SecretGrant"),
+                format!(
+                    "agent {agent:?} has no active SecretGrant with delivery: file (proxy grants reach only the volume of the proxy sidecar, which names them)"
+                ),
             ));
         }
         return Ok(active);
@@ -388,6 +397,22 @@ mod tests {
         );
         assert_eq!(
             select_grants(all(), &["r".into()], "bot").map_err(|d| d.reason),
+            Err(DenyReason::NoActiveGrants)
+        );
+        // A proxy grant never lands in a volume that does not name it.
+        let mut proxied = evaluated("p", GrantPhase::Active);
+        Arc::make_mut(&mut proxied.0).spec.delivery = DeliveryMode::Proxy;
+        let with_proxy = || vec![evaluated("a", GrantPhase::Active), proxied.clone()];
+        assert_eq!(
+            select_grants(with_proxy(), &[], "bot").map(names),
+            Ok(vec!["a".to_owned()])
+        );
+        assert_eq!(
+            select_grants(with_proxy(), &["p".into()], "bot").map(names),
+            Ok(vec!["p".to_owned()])
+        );
+        assert_eq!(
+            select_grants(vec![proxied.clone()], &[], "bot").map_err(|d| d.reason),
             Err(DenyReason::NoActiveGrants)
         );
         assert_eq!(
