@@ -2,7 +2,6 @@
 //! the gRPC handlers and convergence (a republish fails or succeeds with
 //! these), so it sits below both.
 
-use std::io;
 use std::path::PathBuf;
 
 use tonic::{Code, Status};
@@ -35,6 +34,10 @@ pub enum PublishError {
     MissingAccessType,
     #[error("block access is not supported: csi.scopehold.dev serves files (access type mount)")]
     BlockAccess,
+    #[error(
+        "csi.scopehold.dev volumes must be mounted read-only: set `readOnly: true` on the pod's csi volume (volumes[].csi.readOnly); a writable credential volume would let the pod replace its files and keep a revoked value"
+    )]
+    NotReadOnly,
     #[error("invalid target_path")]
     TargetPath(#[source] TargetPathError),
     #[error(
@@ -95,6 +98,7 @@ impl PublishError {
             | Self::MissingCapability
             | Self::MissingAccessType
             | Self::BlockAccess
+            | Self::NotReadOnly
             | Self::TargetPath(_)
             | Self::VolumeIdMismatch
             | Self::PodUidMismatch
@@ -182,7 +186,7 @@ pub enum UnpublishError {
     RemoveTarget {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: MountError,
     },
     #[error("updating the registry")]
     Registry(#[source] RegistryError),
@@ -218,6 +222,8 @@ fn mount_error_code(error: &MountError) -> Code {
     match error {
         MountError::ForeignMount { .. }
         | MountError::TargetIsSymlink { .. }
+        | MountError::OutsideRoot { .. }
+        | MountError::Escapes { .. }
         | MountError::TargetNotDirectory { .. } => Code::FailedPrecondition,
         _ => Code::Internal,
     }

@@ -87,13 +87,21 @@ pub async fn run(ctx: &Ctx, args: &GrantArgs) -> Result<(), CliError> {
         Err(e) => return Err(api(format!("creating SecretGrant {name:?}"))(e)),
     };
     match ctx.output {
-        OutputFormat::Table => output::print(&format!("{}\n", summary(&created))),
+        OutputFormat::Table => {
+            output::print(&format!("{}\n", summary(&created)))?;
+            output::note(MOUNT_HINT);
+            Ok(())
+        }
         format => output::print(&output::document(
             format,
             &output::without_managed_fields(&created),
         )?),
     }
 }
+
+/// How an agent pod mounts its grants (on stderr, so table output stays
+/// one line). The plugin refuses a volume without `readOnly: true`.
+const MOUNT_HINT: &str = "The agent pod mounts it with: volumes: [{name: credentials, csi: {driver: csi.scopehold.dev, readOnly: true}}]";
 
 /// The Secret's key names (values are read by the API call and dropped here).
 async fn secret_keys(ctx: &Ctx, secret: &str) -> Result<BTreeSet<String>, CliError> {

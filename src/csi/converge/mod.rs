@@ -145,6 +145,9 @@ where
 
 impl<R: Resolver> NodeService<R> {
     pub fn new(config: NodeConfig, resolver: Arc<R>, mounter: Mounter, registry: Registry) -> Self {
+        // Targets are resolved beneath the policy's root (the kubelet
+        // directory), never walked as strings.
+        let mounter = mounter.with_root(config.target_paths.root());
         Self {
             config,
             resolver,

@@ -41,6 +41,7 @@ use crate::audit::{AuditRecord, Decision};
 use crate::csi::errors::{PublishError, error_chain, shorten};
 use crate::csi::volume::atomic_writer::{Payload, WriteOutcome};
 use crate::csi::volume::context::PodToken;
+use crate::csi::volume::mounter::UnmountMode;
 use crate::csi::volume::registry::{PublishedGrant, PublishedVolume};
 use crate::csi::volume::table::TokenUpdate;
 use crate::proto::scopehold::v1::{GrantRef, NodeReport, ResolveRequest, ResolveResponse};
@@ -531,9 +532,16 @@ impl<R: Resolver> NodeService<R> {
         } else {
             Keep::AllBut(drop_files)
         };
-        let written = self
-            .write_locked_keeping(&next, keep, record_changed)
-            .await?;
+        let written = match self.write_locked_keeping(&next, keep, record_changed).await {
+            Ok(written) => written,
+            Err(error) => {
+                // The directory could not be brought back to a known state:
+                // the pod loses the volume rather than keep a withdrawn value.
+                return self
+                    .unmount_locked(entry, &withdrawn, &error, request_id)
+                    .await;
+            }
+        };
         self.volumes.upsert(next.clone(), TokenUpdate::Keep);
         for (grant, reason) in &withdrawn {
             self.audit(
@@ -571,6 +579,68 @@ impl<R: Resolver> NodeService<R> {
         })
     }
 
+    /// The last resort of a withdrawal: unmount the volume (every layer of
+    /// ours at the target), forget its handle and record every grant as
+    /// withdrawn with the reason. The registry keeps the volume, with no
+    /// grants, so that kubelet's next republish mounts it afresh if the pod
+    /// may still hold something.
+    async fn unmount_locked(
+        &self,
+        entry: PublishedVolume,
+        withdrawn: &[(PublishedGrant, String)],
+        cause: &PublishError,
+        request_id: Option<&str>,
+    ) -> Result<Converged, PublishError> {
+        let cause = shorten(&error_chain(cause), 256);
+        let mut next = entry.clone();
+        next.grants.clear();
+        next.updated_at = jiff::Timestamp::now();
+        let mounter = self.mounter.clone();
+        let registry = self.registry.clone();
+        let stored = next.clone();
+        let unmounted = blocking(
+            move || {
+                mounter
+                    .unmount(&stored.target_path, UnmountMode::Detach)
+                    .map_err(PublishError::Mount)?;
+                registry.store(&stored).map_err(PublishError::Registry)
+            },
+            PublishError::Task,
+        )
+        .await;
+        self.volumes.upsert(next.clone(), TokenUpdate::Keep);
+        self.volumes.clear_handle(&next.volume_id);
+        for grant in &entry.grants {
+            let reason = withdrawn
+                .iter()
+                .find(|(w, _)| w.grant == grant.grant)
+                .map(|(_, reason)| reason.as_str())
+                .unwrap_or("VolumeUnmounted");
+            self.audit(
+                "ContentWithdrawn",
+                Decision::Denied,
+                &next,
+                grant,
+                reason,
+                Some(&grant.content_digest),
+                request_id,
+                format!(
+                    "the volume's directory could not be brought back to a known state ({cause}); the volume was unmounted and files {} withdrawn",
+                    grant.files.join(",")
+                ),
+            );
+        }
+        tracing::error!(
+            volume_id = %next.volume_id,
+            namespace = %next.pod.namespace,
+            pod = %next.pod.name,
+            error = %cause,
+            unmounted = unmounted.is_ok(),
+            "volume unmounted to withdraw its files"
+        );
+        unmounted.map(|()| Converged::Written)
+    }
+
     async fn write_locked(
         &self,
         record: &PublishedVolume,
@@ -594,26 +664,53 @@ impl<R: Resolver> NodeService<R> {
         let mounter = self.mounter.clone();
         let registry = self.registry.clone();
         let volumes = self.volumes.clone();
+        let record_id = record.volume_id.clone();
         let record = record.clone();
-        let (written, kept, handle) = blocking(
+        let (written, kept, handle, refill) = blocking(
             move || {
                 let handle = volumes
                     .handle(&record.volume_id, &record.target_path, &mounter)
                     .map_err(PublishError::Mount)?;
                 let writer = handle.writer();
-                let (written, kept) = match keep {
-                    Keep::Exactly(payload) => writer.write_graced(&payload, record.fs_group),
+                let attempt = match &keep {
+                    Keep::Exactly(payload) => writer.write_graced(payload, record.fs_group),
                     Keep::Nothing => writer.write_graced(&Payload::new(), record.fs_group),
                     Keep::AllBut(drop) => writer.read_current().and_then(|mut payload| {
                         payload.retain(|name, _| !drop.contains(name));
                         writer.write_graced(&payload, record.fs_group)
                     }),
-                }
-                .map_err(PublishError::Write)?;
+                };
+                let mut refill = false;
+                let (written, kept) = match attempt {
+                    Ok(done) => done,
+                    // The directory is not as this plugin left it (links
+                    // planted, entries replaced). What it holds is not read
+                    // or followed: everything goes, by name, and the files
+                    // are written again into the empty directory. Files kept
+                    // from the old content cannot be trusted, so a partial
+                    // withdrawal writes nothing and asks for a refresh.
+                    Err(error) => {
+                        tracing::warn!(
+                            volume_id = %record.volume_id,
+                            error = %error_chain(&error),
+                            "the volume's directory was changed behind the plugin's back; wiping and rewriting it"
+                        );
+                        writer.wipe().map_err(PublishError::Write)?;
+                        refill = matches!(keep, Keep::AllBut(_));
+                        let payload = match keep {
+                            Keep::Exactly(payload) => payload,
+                            Keep::Nothing | Keep::AllBut(_) => Payload::new(),
+                        };
+                        let (_, kept) = writer
+                            .write_graced(&payload, record.fs_group)
+                            .map_err(PublishError::Write)?;
+                        (WriteOutcome::Written, kept)
+                    }
+                };
                 if store {
                     registry.store(&record).map_err(PublishError::Registry)?;
                 }
-                Ok((written, kept, handle))
+                Ok((written, kept, handle, refill))
             },
             PublishError::Task,
         )
@@ -627,6 +724,9 @@ impl<R: Resolver> NodeService<R> {
                     tracing::warn!(error = %error_chain(&error), "could not remove a replaced version of a volume's files");
                 }
             });
+        }
+        if refill {
+            self.enqueue(&record_id, Work::refresh());
         }
         Ok(written)
     }

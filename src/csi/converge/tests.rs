@@ -406,3 +406,112 @@ async fn the_stream_is_followed_and_reopened_after_it_breaks() -> TestResult {
     task.abort();
     result
 }
+
+/// Every regular file's content anywhere in the volume's tmpfs, read
+/// through a private writable view without following any link.
+fn contents_in_tmpfs(
+    fixture: &Fixture<FakeResolver>,
+) -> Result<Vec<Vec<u8>>, Box<dyn std::error::Error>> {
+    let view = fixture.service.mounter.writable_view(&fixture.target())?;
+    let mut found = Vec::new();
+    let mut pending = vec![view.path().to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                found.push(fs::read(entry.path())?);
+            }
+        }
+    }
+    view.close()?;
+    Ok(found)
+}
+
+/// What a pod with a writable copy of its volume did: `..data` points
+/// outside, at a directory holding a file of the same name, plus a planted
+/// file and a link to a directory outside. Done through a writable view,
+/// as the pod's own (writable) bind would.
+fn tamper(fixture: &Fixture<FakeResolver>, outside: &std::path::Path) -> TestResult {
+    let view = fixture.service.mounter.writable_view(&fixture.target())?;
+    let root = view.path();
+    fs::remove_file(root.join("..data"))?;
+    std::os::unix::fs::symlink(outside, root.join("..data"))?;
+    fs::write(root.join("planted"), b"planted by the pod")?;
+    std::os::unix::fs::symlink(outside, root.join("evil"))?;
+    view.close()?;
+    Ok(())
+}
+
+/// The pod defeated its own revocation by replacing `..data`: the
+/// revocation then failed and the revoked value stayed in the volume.
+/// Now the directory is wiped by name (no link followed, nothing outside
+/// touched), the revoked value is gone from the tmpfs, the other grant
+/// comes back through a refresh, and a republish repairs a tampered volume.
+#[tokio::test]
+async fn a_tampered_volume_still_loses_a_revoked_value_and_republish_repairs_it() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let request = fixture.request();
+    fixture.service.publish(&request).await?;
+    let outside = fixture.root.path().join("outside");
+    fs::create_dir(&outside)?;
+    fs::write(outside.join("api-key"), b"outside, not ours")?;
+    tamper(&fixture, &outside)?;
+
+    // Only github-ro is still granted.
+    fixture.set_answer(Ok(ResolveResponse {
+        grants: two_grants()
+            .grants
+            .into_iter()
+            .filter(|grant| grant.grant == "github-ro")
+            .collect(),
+        ..two_grants()
+    }));
+    push::apply(
+        &fixture.service,
+        &invalidation(Kind::Revoked, "claude", "supabase-dev", ""),
+    );
+    eventually("the revoked value to leave the tmpfs", || {
+        contents_in_tmpfs(&fixture).is_ok_and(|found| !found.iter().any(|c| c == SECRET_A))
+    })
+    .await?;
+    eventually("github-ro to come back", || {
+        files_are(&fixture, &["gh-token"])
+    })
+    .await?;
+    idle(&fixture).await?;
+    assert_eq!(fs::read(fixture.target().join("gh-token"))?, SECRET_B);
+    assert!(!contents_in_tmpfs(&fixture)?.iter().any(|c| c == SECRET_A));
+    assert_eq!(fs::read(outside.join("api-key"))?, b"outside, not ours");
+    assert_eq!(fixture.mounts_at(&fixture.target())?, 1);
+    let entry = fixture
+        .registry()?
+        .load(&request.volume_id)?
+        .ok_or("registry entry gone")?;
+    assert!(
+        !entry
+            .grants
+            .iter()
+            .any(|grant| grant.grant == "supabase-dev")
+    );
+
+    // Tampered again while still granted: the next republish repairs it.
+    tamper(&fixture, &outside)?;
+    fixture.service.publish(&request).await?;
+    assert!(
+        files_are(&fixture, &["gh-token"]),
+        "{:?}",
+        visible_files(&fixture.target())
+    );
+    assert_eq!(fs::read(fixture.target().join("gh-token"))?, SECRET_B);
+    let data = fs::read_link(fixture.target().join("..data"))?;
+    assert!(
+        data.is_relative() && data.components().count() == 1,
+        "..data does not name a version directory of the volume: {data:?}"
+    );
+    assert!(fs::symlink_metadata(fixture.target().join("planted")).is_err());
+    assert_eq!(fs::read(outside.join("api-key"))?, b"outside, not ours");
+    Ok(())
+}

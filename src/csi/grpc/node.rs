@@ -31,7 +31,6 @@
 //! pod and grant names, or file content.
 
 use std::fmt;
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -105,6 +104,12 @@ fn check_publish(
         Some(AccessType::Block(_)) => return Err(PublishError::BlockAccess),
         None => return Err(PublishError::MissingAccessType),
     };
+    // Only kubelet can make the pod's bind of the volume read-only, and it
+    // does so only when the pod spec asks (`csi.readOnly: true`); the
+    // Secrets Store CSI driver applies the same rule.
+    if !request.readonly {
+        return Err(PublishError::NotReadOnly);
+    }
 
     let target = config
         .target_paths
@@ -160,6 +165,9 @@ struct Apply {
     payload: Payload,
     fs_group: Option<u32>,
     entry: PublishedVolume,
+    /// Our tmpfs was there already, left by a publish that never finished:
+    /// a failure now removes it like one this call made.
+    unfinished: bool,
 }
 
 impl Apply {
@@ -174,13 +182,13 @@ impl Apply {
                 // mount_tmpfs may have created the directory; remove it if it
                 // is empty and not a mount point.
                 if !self.mounter.is_mount_point(target).unwrap_or(true) {
-                    let _ = fs::remove_dir(target);
+                    let _ = self.mounter.remove_target(target);
                 }
                 PublishError::Mount(error)
             })?
             == MountOutcome::Mounted;
         let result = self.fill();
-        if result.is_err() && mounted {
+        if result.is_err() && (mounted || self.unfinished) {
             undo_mount(&self.mounter, target);
         }
         result.map(|(files, handle)| (PublishOutcome { mounted, files }, handle))
@@ -188,12 +196,10 @@ impl Apply {
 
     fn fill(&self) -> Result<(WriteOutcome, Arc<VolumeHandle>), PublishError> {
         let target = self.target.as_path();
-        // Always read-only to the pod, whatever `readonly` says: a writable
-        // mount would let the pod tamper with `..data` and its files.
-        self.mounter
-            .set_read_only(target, true)
-            .map_err(PublishError::Mount)?;
-        // The volume's writable handle, kept for every later write.
+        // The tmpfs is read-only as a mount from the moment it is attached
+        // (every propagated copy too), whatever `readonly` says; the files
+        // are written through the volume's private writable handle, kept
+        // for every later write.
         let handle =
             Arc::new(VolumeHandle::open(&self.mounter, target).map_err(PublishError::Mount)?);
         let written = handle
@@ -214,9 +220,7 @@ fn undo_mount(mounter: &Mounter, target: &Path) {
         .or_else(|_| mounter.unmount(target, UnmountMode::Detach));
     match unmounted {
         Ok(_) => {
-            if let Err(error) = fs::remove_dir(target)
-                && error.kind() != io::ErrorKind::NotFound
-            {
+            if let Err(error) = mounter.remove_target(target) {
                 tracing::warn!(target_path = %target.display(), error = %error, "could not remove the target directory after a failed publish");
             }
         }
@@ -314,7 +318,12 @@ impl<R: Resolver> NodeService<R> {
             updated_at: now,
         };
 
-        if mounted {
+        // Our tmpfs without a registry entry is what a publish that crashed
+        // between mounting and recording leaves: it was never answered OK,
+        // so it is published afresh (a refusal fails the call and unmounts),
+        // not converged like a live volume.
+        let unfinished = mounted && existing.is_none();
+        if mounted && !unfinished {
             let files = self
                 .republish_locked(entry, checked.attributes.token.clone(), &request_id)
                 .await?;
@@ -324,12 +333,33 @@ impl<R: Resolver> NodeService<R> {
             });
         }
 
-        let response = {
+        let answer = {
             let _permit = self.custody_permit().await;
             self.resolver.resolve(resolve_request).await
         }
-        .map_err(|status| PublishError::from_custody(&status))?;
-        let resolved = build_payload(&response, self.config.payload_limit_bytes())?;
+        .map_err(|status| PublishError::from_custody(&status))
+        .and_then(|response| {
+            let resolved = build_payload(&response, self.config.payload_limit_bytes())?;
+            Ok((response, resolved))
+        });
+        let (response, resolved) = match answer {
+            Ok(answer) => answer,
+            Err(error) => {
+                if unfinished {
+                    let mounter = self.mounter.clone();
+                    let target = target.clone();
+                    blocking(
+                        move || {
+                            undo_mount(&mounter, &target);
+                            Ok(())
+                        },
+                        PublishError::Task,
+                    )
+                    .await?;
+                }
+                return Err(error);
+            }
+        };
         entry.agent = response.agent.clone();
         entry.grants = resolved.grants;
         let summary = GrantSummary(&entry.grants);
@@ -350,6 +380,7 @@ impl<R: Resolver> NodeService<R> {
             payload: resolved.payload,
             fs_group: checked.fs_group,
             entry: entry.clone(),
+            unfinished,
         };
         let (outcome, handle) = blocking(move || apply.run(), PublishError::Task).await?;
         self.volumes.upsert(
@@ -436,34 +467,26 @@ fn unpublish_blocking(
         }
         Err(error) => return Err(UnpublishError::Mount(error)),
     }
-    match fs::symlink_metadata(target) {
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+    match mounter.remove_target(target) {
+        Ok(()) => {}
+        Err(MountError::TargetNotDirectory { .. } | MountError::TargetIsSymlink { .. }) => {
+            return Err(UnpublishError::TargetNotDirectory {
+                path: target.to_path_buf(),
+            });
+        }
+        Err(MountError::Io { ref source, .. })
+            if source.kind() == io::ErrorKind::DirectoryNotEmpty =>
+        {
+            return Err(UnpublishError::TargetNotEmpty {
+                path: target.to_path_buf(),
+            });
+        }
         Err(error) => {
             return Err(UnpublishError::RemoveTarget {
                 path: target.to_path_buf(),
                 source: error,
             });
         }
-        Ok(metadata) if !metadata.is_dir() => {
-            return Err(UnpublishError::TargetNotDirectory {
-                path: target.to_path_buf(),
-            });
-        }
-        Ok(_) => match fs::remove_dir(target) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-            Err(error) if error.kind() == io::ErrorKind::DirectoryNotEmpty => {
-                return Err(UnpublishError::TargetNotEmpty {
-                    path: target.to_path_buf(),
-                });
-            }
-            Err(error) => {
-                return Err(UnpublishError::RemoveTarget {
-                    path: target.to_path_buf(),
-                    source: error,
-                });
-            }
-        },
     }
     // Forget the volume only if the entry is the one for this target (an
     // unreadable entry is forgotten too: it describes nothing usable).

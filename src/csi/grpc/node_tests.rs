@@ -1287,3 +1287,118 @@ async fn identity_reports_name_version_no_capabilities_and_honest_probe() -> Tes
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_writable_publish_is_refused_with_how_to_fix_it_and_touches_nothing() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let before = fixture.tree()?;
+    let mut request = fixture.request();
+    request.readonly = false;
+    let error = fixture
+        .service
+        .publish(&request)
+        .await
+        .err()
+        .ok_or("a writable volume was published")?;
+    assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+    let status = Status::from(error);
+    assert!(
+        status.message().contains("readOnly: true"),
+        "the message does not say how to fix it: {status:?}"
+    );
+    assert!(fixture.resolver.requests().is_empty(), "custody was asked");
+    assert_eq!(fixture.mounts_under_root()?, 0);
+    assert_eq!(fixture.tree()?, before);
+    Ok(())
+}
+
+/// The plugin crashed after mounting and before writing (nothing recorded
+/// in the registry); kubelet retries, and custody now refuses. The retry
+/// must fail and leave nothing mounted, not answer OK with an empty volume.
+#[tokio::test]
+async fn a_publish_after_a_crash_between_mount_and_write_resolves_again() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Err(Status::permission_denied(
+        "AgentSuspended: agent \"claude-code\" is suspended",
+    ))))?;
+    let target = fixture.target();
+    let request = fixture.request();
+    // What the crashed publish left: our tmpfs, no files, no registry entry.
+    fixture.service.mounter.mount_tmpfs(
+        &target,
+        &TmpfsOptions {
+            size_bytes: TMPFS_SIZE,
+            mode: 0o750,
+            gid: Some(FS_GROUP),
+        },
+    )?;
+    assert_eq!(fixture.mounts_at(&target)?, 1);
+
+    let error = fixture
+        .service
+        .publish(&request)
+        .await
+        .err()
+        .ok_or("the retried publish answered OK after a refusal")?;
+    assert_eq!(error.code(), Code::PermissionDenied, "{error}");
+    assert_eq!(fixture.mounts_under_root()?, 0, "the tmpfs stayed mounted");
+    assert!(!target.exists(), "target directory left behind");
+    assert_eq!(fixture.registry()?.load(&request.volume_id)?, None);
+
+    // Custody grants again: the next retry publishes normally.
+    fixture.resolver.set_answer(Ok(two_grants()));
+    fixture.service.publish(&request).await?;
+    assert_eq!(
+        visible_files(&target)?,
+        BTreeSet::from(["api-key".to_owned(), "gh-token".to_owned()])
+    );
+    fixture
+        .service
+        .unpublish(&unpublish_request(&request.volume_id, &target))
+        .await?;
+    Ok(())
+}
+
+/// A symlink in any parent of the target path (here the pod's directory
+/// pointing outside the kubelet directory) is refused; nothing is mounted
+/// or created anywhere, and custody is not asked for the value.
+#[tokio::test]
+async fn a_symlink_on_the_way_to_the_target_is_refused_and_nothing_is_mounted() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let request = fixture.request();
+    let pod_dir = fixture.kubelet_dir().join("pods").join(UID);
+    let elsewhere = fixture.root.path().join("elsewhere");
+    // The same layout, but outside the kubelet directory.
+    let moved = elsewhere.join(UID);
+    fs::create_dir_all(moved.join("volumes/kubernetes.io~csi").join(VOLUME))?;
+    fs::remove_dir_all(&pod_dir)?;
+    std::os::unix::fs::symlink(&moved, &pod_dir)?;
+    let outside_before = fixture.tree()?;
+
+    let error = fixture
+        .service
+        .publish(&request)
+        .await
+        .err()
+        .ok_or("published through a symlink")?;
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error}");
+    let status = Status::from(error);
+    assert!(status.message().contains("symbolic link"), "{status:?}");
+    assert_eq!(fixture.mounts_under_root()?, 0);
+    assert_eq!(fixture.tree()?, outside_before, "something was created");
+    assert!(
+        !moved
+            .join("volumes/kubernetes.io~csi")
+            .join(VOLUME)
+            .join("mount")
+            .exists()
+    );
+
+    // Unpublish through the same link touches nothing either.
+    let unpublished = fixture
+        .service
+        .unpublish(&unpublish_request(&request.volume_id, &fixture.target()))
+        .await;
+    assert!(unpublished.is_err(), "unpublish followed the symlink");
+    assert_eq!(fixture.tree()?, outside_before);
+    Ok(())
+}

@@ -326,6 +326,31 @@ impl AtomicWriter {
     }
 
     /// The file names in a version directory.
+    /// Removes everything in the volume's directory, whatever it is and
+    /// whoever made it, without following a single link: each entry is
+    /// removed by name (a directory with `remove_dir_all`, which opens each
+    /// level with `O_NOFOLLOW` and removes by name too). The known state
+    /// after a tampered directory: empty. The directory itself stays.
+    pub fn wipe(&self) -> Result<(), AtomicWriteError> {
+        for entry in fs::read_dir(&self.dir).map_err(io_error("list", &self.dir))? {
+            let entry = entry.map_err(io_error("list", &self.dir))?;
+            let path = entry.path();
+            let file_type = entry.file_type().map_err(io_error("inspect", &path))?;
+            if file_type.is_dir() {
+                fs::remove_dir_all(&path).map_err(io_error("remove", &path))?;
+            } else {
+                fs::remove_file(&path).map_err(io_error("remove", &path))?;
+            }
+        }
+        if let Some(retiring) = &self.retiring {
+            retiring
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
+        Ok(())
+    }
+
     fn version_names(&self, version: &str) -> Result<BTreeSet<String>, AtomicWriteError> {
         let version_path = self.dir.join(version);
         let mut names = BTreeSet::new();

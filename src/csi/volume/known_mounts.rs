@@ -49,6 +49,21 @@ pub fn mount_identity(path: &Path) -> Option<MountIdentity> {
     })
 }
 
+/// `statx` of the object `fd` holds; `None` when it fails.
+pub fn fd_mount_identity(fd: &impl rustix::fd::AsFd) -> Option<MountIdentity> {
+    let wanted = StatxFlags::from_bits_retain(STATX_MNT_ID_UNIQUE);
+    let stat = statx(fd, "", AtFlags::EMPTY_PATH, wanted).ok()?;
+    let is_mount_root = stat
+        .stx_attributes_mask
+        .contains(StatxAttributes::MOUNT_ROOT)
+        .then(|| stat.stx_attributes.contains(StatxAttributes::MOUNT_ROOT));
+    let unique_id = (stat.stx_mask & STATX_MNT_ID_UNIQUE != 0).then_some(stat.stx_mnt_id);
+    Some(MountIdentity {
+        is_mount_root,
+        unique_id,
+    })
+}
+
 /// The unique mount IDs of our tmpfs mounts, by canonical target path, and a
 /// count of the mountinfo scans made (for tests and benchmarks).
 #[derive(Debug, Default)]

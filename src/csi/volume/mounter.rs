@@ -6,13 +6,21 @@
 //! is read-only, yet the node plugin must keep updating it (rotation,
 //! revocation). The approach:
 //!
-//! 1. [`Mounter::mount_tmpfs`] mounts a fresh tmpfs at the target.
-//! 2. [`Mounter::set_read_only`] makes the *mount point* read-only
-//!    (`MS_REMOUNT | MS_BIND | MS_RDONLY`). This is a per-mount flag: the
-//!    tmpfs itself (its superblock) stays writable. Do this before
-//!    NodePublishVolume returns, while no container can have the volume yet.
-//! 3. To write, [`Mounter::writable_view`] bind-mounts the target onto a
-//!    private scratch directory and clears the read-only flag on *that* bind
+//! 1. [`Mounter::mount_tmpfs`] creates the tmpfs detached (`fsopen` +
+//!    `fsmount`) with the mount flag `MOUNT_ATTR_RDONLY`, and only then
+//!    attaches it to the target directory's descriptor (`move_mount`). The
+//!    flag is per mount (the superblock stays writable), and mount
+//!    propagation copies it: the plugin runs in its own mount namespace with
+//!    the kubelet directory shared both ways (kubelet's `Bidirectional`), so
+//!    the host's copy, and the pod's bind made from it, are read-only from
+//!    their first instant. (Mounting read-write and then remounting the
+//!    plugin's copy read-only, as this module once did, leaves every
+//!    propagated copy writable: a remount does not propagate.)
+//! 2. [`Mounter::set_read_only`] changes only this namespace's copy; a
+//!    volume never needs it.
+//! 3. To write, [`Mounter::writable_view`] clones the target's mount from
+//!    its descriptor (`open_tree`), attaches the clone in a private scratch
+//!    directory and clears the read-only flag on *that* bind
 //!    only. The atomic writer writes there; the changes appear at the target
 //!    at once (same tmpfs). Closing the view unmounts the scratch bind.
 //!
@@ -33,6 +41,17 @@
 //! The scratch directory should be private to the node plugin (for example
 //! `/run/scopehold/rw` inside its container), not under a shared mount such as
 //! the kubelet directory, so that the short-lived binds do not propagate.
+//!
+//! # No path walking below the kubelet directory
+//!
+//! Targets are opened from a descriptor of the root (the kubelet
+//! directory) with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+//! RESOLVE_NO_MAGICLINKS)`: a symlink anywhere on the way is refused
+//! ([`MountError::TargetIsSymlink`]) before anything is created or mounted.
+//! The tmpfs is attached to, probed through (`statx` of the descriptor,
+//! mount id matched in mountinfo), cloned from and unmounted through
+//! descriptors (the last through its parent's, so that our own descriptor
+//! does not keep it busy), never through a re-resolved string.
 //!
 //! # Ownership and idempotence
 //!
@@ -58,7 +77,14 @@ use std::sync::Arc;
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 
-use super::known_mounts::{KnownMounts, mount_identity};
+use rustix::fd::OwnedFd;
+use rustix::fs::{AtFlags, CWD, OFlags, ResolveFlags, StatxAttributes, StatxFlags, openat2, statx};
+use rustix::mount::{
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, OpenTreeFlags, fsconfig_create,
+    fsconfig_set_string, fsmount, fsopen, move_mount, open_tree,
+};
+
+use super::known_mounts::{KnownMounts, fd_mount_identity};
 
 /// The mount source name that marks a tmpfs as ScopeHold's.
 pub const TMPFS_SOURCE: &str = "scopehold";
@@ -259,6 +285,7 @@ fn unescape_octal(field: &[u8]) -> Vec<u8> {
 
 /// The mount currently visible at `path`: of all entries mounted exactly
 /// there, the one no other of them is stacked on.
+#[cfg(test)]
 fn topmost_mount_at<'a>(entries: &'a [MountInfoEntry], path: &Path) -> Option<&'a MountInfoEntry> {
     let at_path: Vec<&MountInfoEntry> = entries
         .iter()
@@ -277,8 +304,15 @@ fn topmost_mount_at<'a>(entries: &'a [MountInfoEntry], path: &Path) -> Option<&'
 /// Errors of the mounter. They name paths and operations only.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("{} is a symbolic link; refusing to mount there", path.display())]
+    #[error(
+        "{} is or passes through a symbolic link; refusing to follow it below the kubelet directory",
+        path.display()
+    )]
     TargetIsSymlink { path: PathBuf },
+    #[error("{} is not below {}", path.display(), root.display())]
+    OutsideRoot { path: PathBuf, root: PathBuf },
+    #[error("resolving {} would leave the kubelet directory", path.display())]
+    Escapes { path: PathBuf },
     #[error("{} is not a directory", path.display())]
     TargetNotDirectory { path: PathBuf },
     #[error(
@@ -334,6 +368,9 @@ fn sys_error(op: &'static str, path: &Path) -> impl FnOnce(Errno) -> MountError 
 #[derive(Debug, Clone)]
 pub struct Mounter {
     scratch_dir: PathBuf,
+    /// Every target is resolved beneath this directory (kubelet's), from a
+    /// file descriptor of it, with symlinks refused at every step.
+    root: PathBuf,
     /// Shared by the clones (one per blocking task).
     known: Arc<KnownMounts>,
 }
@@ -345,57 +382,74 @@ impl Mounter {
     pub fn new(scratch_dir: impl Into<PathBuf>) -> Self {
         Self {
             scratch_dir: scratch_dir.into(),
+            root: PathBuf::from("/"),
             known: Arc::default(),
         }
+    }
+
+    /// Resolves targets beneath `root` (the kubelet directory) instead of
+    /// `/`. `root` itself is trusted (it is configuration) and may be reached
+    /// through symlinks; nothing below it is.
+    pub fn with_root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.root = root.into();
+        self
     }
 
     /// Mounts a tmpfs (nodev, nosuid, noexec) at `target`, creating the
     /// directory itself (not its parents) if needed. Does nothing when our
     /// tmpfs is already mounted there; refuses any other mount.
+    ///
+    /// The tmpfs is made detached and read-only (`fsmount` with
+    /// `MOUNT_ATTR_RDONLY`) and only then attached to the target directory's
+    /// file descriptor (`move_mount`): every copy that mount propagation
+    /// makes of it (the host's, through kubelet's `Bidirectional` mount, and
+    /// from there the pod's) is read-only from its first instant. The plugin
+    /// writes through a private writable view ([`Self::detached_view`]).
     pub fn mount_tmpfs(
         &self,
         target: &Path,
         options: &TmpfsOptions,
     ) -> Result<MountOutcome, MountError> {
-        match fs::DirBuilder::new().mode(0o750).create(target) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(error) => return Err(io_error("create", target)(error)),
-        }
-        let target = checked_directory(target)?;
-        match self.probe(&target)? {
+        let dir = self.create_target(target)?;
+        match self.probe_fd(target, &dir)? {
             MountState::Ours => return Ok(MountOutcome::AlreadyMounted),
-            MountState::Foreign(existing) => return Err(foreign_mount(&target, &existing)),
+            MountState::Foreign(existing) => return Err(foreign_mount(target, &existing)),
             MountState::NotMounted => {}
         }
-        nix::mount::mount(
-            Some(TMPFS_SOURCE),
-            &target,
-            Some("tmpfs"),
-            SECURITY_FLAGS,
-            Some(options.mount_data().as_str()),
+        let tmpfs =
+            new_read_only_tmpfs(options).map_err(rustix_error("create a tmpfs for", target))?;
+        move_mount(
+            &tmpfs,
+            "",
+            &dir,
+            "",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
         )
-        .map_err(sys_error("mount tmpfs at", &target))?;
+        .map_err(rustix_error("attach the tmpfs at", target))?;
         // We made it, under the caller's per-target lock: it is ours.
-        if let Some(unique_id) = mount_identity(&target).and_then(|id| id.unique_id) {
-            self.known.remember(&target, unique_id);
+        if let Ok(mounted) = self.open_target(target)
+            && let Some(unique_id) = fd_mount_identity(&mounted).and_then(|id| id.unique_id)
+        {
+            self.known.remember(target, unique_id);
         }
         Ok(MountOutcome::Mounted)
     }
 
-    /// Sets or clears the read-only flag of our mount point at `target` (the
-    /// tmpfs itself stays writable; see the module comment).
+    /// Sets or clears the read-only flag of this namespace's copy of our
+    /// mount at `target` (the tmpfs itself stays writable; see the module
+    /// comment). A volume is mounted read-only already; this is for tests
+    /// and repairs.
     pub fn set_read_only(&self, target: &Path, read_only: bool) -> Result<(), MountError> {
-        let target = checked_directory(target)?;
-        self.require_ours(&target)?;
-        remount_bind(&target, read_only)
+        let dir = self.open_target(target)?;
+        self.require_ours_fd(target, &dir)?;
+        remount_bind(&fd_path(&dir), read_only)
     }
 
     /// A writable bind of our mount at `target`, in a fresh directory under the
     /// scratch directory. Close it with [`WritableView::close`].
     pub fn writable_view(&self, target: &Path) -> Result<WritableView, MountError> {
-        let target = checked_directory(target)?;
-        self.require_ours(&target)?;
+        let dir = self.open_target(target)?;
+        self.require_ours_fd(target, &dir)?;
 
         fs::DirBuilder::new()
             .mode(0o700)
@@ -409,14 +463,24 @@ impl Mounter {
             path: view_dir.clone(),
             mounted: false,
         };
-        nix::mount::mount(
-            Some(&target),
-            &view_dir,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
+        // A clone of the mount taken from the target's descriptor (no path
+        // is resolved again), attached in the plugin's scratch directory.
+        let clone = open_tree(
+            &dir,
+            "",
+            OpenTreeFlags::OPEN_TREE_CLONE
+                | OpenTreeFlags::OPEN_TREE_CLOEXEC
+                | OpenTreeFlags::AT_EMPTY_PATH,
         )
-        .map_err(sys_error("bind-mount a writable view at", &view_dir))?;
+        .map_err(rustix_error("clone the mount at", target))?;
+        move_mount(
+            &clone,
+            "",
+            CWD,
+            view_dir.as_path(),
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .map_err(rustix_error("attach a writable view at", &view_dir))?;
         view.mounted = true;
         // The bind inherits the target's read-only flag; clear it on the bind
         // only.
@@ -447,26 +511,32 @@ impl Mounter {
 
     /// Unmounts our tmpfs at `target` (every layer of ours, should any be
     /// stacked). Not mounted is success; a foreign mount is refused.
+    ///
+    /// The target is checked through its own descriptor, which is then
+    /// closed (an open descriptor would keep the mount busy); the unmount
+    /// names it from a descriptor of its parent, never following a link.
     pub fn unmount(&self, target: &Path, mode: UnmountMode) -> Result<UnmountOutcome, MountError> {
-        let target = match checked_directory(target) {
-            Ok(target) => target,
-            Err(MountError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                return Ok(UnmountOutcome::NotMounted);
-            }
-            Err(error) => return Err(error),
-        };
         let flags = match mode {
             UnmountMode::Normal => MntFlags::UMOUNT_NOFOLLOW,
             UnmountMode::Detach => MntFlags::UMOUNT_NOFOLLOW | MntFlags::MNT_DETACH,
         };
+        let Some((parent, name)) = self.open_parent(target)? else {
+            return Ok(UnmountOutcome::NotMounted);
+        };
+        let by_parent = fd_path(&parent).join(&name);
         let mut outcome = UnmountOutcome::NotMounted;
         for _ in 0..MAX_STACKED_UNMOUNTS {
-            match self.probe(&target)? {
+            let state = match open_beneath(&parent, Path::new(&name)) {
+                Ok(dir) => self.probe_fd(target, &dir)?,
+                Err(rustix::io::Errno::NOENT) => return Ok(outcome),
+                Err(errno) => return Err(resolve_error(target)(errno)),
+            };
+            match state {
                 MountState::NotMounted => return Ok(outcome),
-                MountState::Foreign(existing) => return Err(foreign_mount(&target, &existing)),
+                MountState::Foreign(existing) => return Err(foreign_mount(target, &existing)),
                 MountState::Ours => {
-                    nix::mount::umount2(&target, flags).map_err(sys_error("unmount", &target))?;
-                    self.known.forget(&target);
+                    nix::mount::umount2(&by_parent, flags).map_err(sys_error("unmount", target))?;
+                    self.known.forget(target);
                     outcome = UnmountOutcome::Unmounted;
                 }
             }
@@ -474,52 +544,55 @@ impl Mounter {
         Ok(outcome)
     }
 
-    /// The mount visible at exactly `path` (after resolving symlinks in its
-    /// parents), or `None` when `path` is not a mount point or does not exist.
-    /// Always scans mountinfo; [`probe`](Self::probe) is the cheap question.
-    pub fn mount_at(&self, path: &Path) -> Result<Option<MountInfoEntry>, MountError> {
-        let Some(canonical) = canonical_or_missing(path)? else {
-            return Ok(None);
+    /// A descriptor of `target`'s parent (resolved beneath the root, no
+    /// symlinks) and the last component; `None` when the parent is gone.
+    fn open_parent(
+        &self,
+        target: &Path,
+    ) -> Result<Option<(OwnedFd, std::ffi::OsString)>, MountError> {
+        let relative = self.relative(target)?;
+        let (Some(parent), Some(name)) = (relative.parent(), relative.file_name()) else {
+            return Err(MountError::OutsideRoot {
+                path: target.to_path_buf(),
+                root: self.root.clone(),
+            });
         };
-        self.known.count_scan();
-        let entries = read_mountinfo()?;
-        Ok(topmost_mount_at(&entries, &canonical).cloned())
+        let root = self.open_root()?;
+        if parent.as_os_str().is_empty() {
+            return Ok(Some((root, name.to_owned())));
+        }
+        match open_beneath(&root, parent) {
+            Ok(dir) => Ok(Some((dir, name.to_owned()))),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(errno) => Err(resolve_error(target)(errno)),
+        }
+    }
+
+    /// The mount visible at exactly `path`, or `None` when `path` is not a
+    /// mount point or does not exist. Always scans mountinfo;
+    /// [`probe`](Self::probe) is the cheap question.
+    pub fn mount_at(&self, path: &Path) -> Result<Option<MountInfoEntry>, MountError> {
+        let dir = match self.open_target(path) {
+            Ok(dir) => dir,
+            Err(MountError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
+        };
+        self.scan_fd(path, &dir)
     }
 
     /// What is mounted at exactly `path`: as [`mount_at`](Self::mount_at)
     /// would tell, but without scanning mountinfo when `statx` shows that
     /// `path` is no mount point, or is the mount of ours last seen there.
     pub fn probe(&self, path: &Path) -> Result<MountState, MountError> {
-        let Some(canonical) = canonical_or_missing(path)? else {
-            return Ok(MountState::NotMounted);
-        };
-        let before = mount_identity(&canonical);
-        if let Some(identity) = before {
-            if identity.is_mount_root == Some(false) {
-                return Ok(MountState::NotMounted);
+        match self.open_target(path) {
+            Ok(dir) => self.probe_fd(path, &dir),
+            Err(MountError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Ok(MountState::NotMounted)
             }
-            if let Some(unique_id) = identity.unique_id
-                && self.known.is_ours(&canonical, unique_id)
-            {
-                return Ok(MountState::Ours);
-            }
+            Err(error) => Err(error),
         }
-        self.known.count_scan();
-        let entries = read_mountinfo()?;
-        let state = match topmost_mount_at(&entries, &canonical) {
-            None => MountState::NotMounted,
-            Some(entry) if entry.is_scopehold_tmpfs() => MountState::Ours,
-            Some(entry) => MountState::Foreign(entry.clone()),
-        };
-        // Remember it only if the same mount was there before and after the
-        // scan (unique IDs are never reused), so the scan described it.
-        if state == MountState::Ours
-            && let Some(unique_id) = before.and_then(|id| id.unique_id)
-            && mount_identity(&canonical).and_then(|id| id.unique_id) == Some(unique_id)
-        {
-            self.known.remember(&canonical, unique_id);
-        }
-        Ok(state)
     }
 
     pub fn is_mount_point(&self, path: &Path) -> Result<bool, MountError> {
@@ -531,8 +604,161 @@ impl Mounter {
         self.known.scans()
     }
 
-    fn require_ours(&self, target: &Path) -> Result<(), MountError> {
-        match self.probe(target)? {
+    /// The device number of what `target` shows now, if it resolves.
+    pub fn device_of(&self, target: &Path) -> Option<u64> {
+        let dir = self.open_target(target).ok()?;
+        rustix::fs::fstat(&dir).ok().map(|stat| stat.st_dev)
+    }
+
+    /// Opens the directory `target` from a descriptor of the root,
+    /// refusing symlinks (and magic links) at every step and any escape
+    /// from the root. The result is an `O_PATH` descriptor: every later
+    /// operation on the target goes through it, never through the string.
+    pub fn open_target(&self, target: &Path) -> Result<OwnedFd, MountError> {
+        let relative = self.relative(target)?;
+        let root = self.open_root()?;
+        open_beneath(&root, relative).map_err(resolve_error(target))
+    }
+
+    /// [`open_target`](Self::open_target), creating the last component
+    /// (mode 0750) if it is missing; its parent must exist (kubelet makes it).
+    fn create_target(&self, target: &Path) -> Result<OwnedFd, MountError> {
+        let Some((parent_dir, name)) = self.open_parent(target)? else {
+            return Err(rustix_error("open the parent of", target)(
+                rustix::io::Errno::NOENT,
+            ));
+        };
+        let name = Path::new(&name);
+        match rustix::fs::mkdirat(&parent_dir, name, rustix::fs::Mode::from_raw_mode(0o750)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(error) => return Err(rustix_error("create", target)(error)),
+        }
+        open_beneath(&parent_dir, Path::new(name)).map_err(resolve_error(target))
+    }
+
+    /// Removes the (unmounted, empty) target directory, from a descriptor
+    /// of its parent. Already gone is success; a symlink or a file there is
+    /// refused and left alone.
+    pub fn remove_target(&self, target: &Path) -> Result<(), MountError> {
+        let Some((parent_dir, name)) = self.open_parent(target)? else {
+            return Ok(());
+        };
+        let name = Path::new(&name);
+        match rustix::fs::statat(&parent_dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(errno) => return Err(rustix_error("inspect", target)(errno)),
+            Ok(stat)
+                if rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                    == rustix::fs::FileType::Symlink =>
+            {
+                return Err(MountError::TargetIsSymlink {
+                    path: target.to_path_buf(),
+                });
+            }
+            Ok(stat)
+                if rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                    != rustix::fs::FileType::Directory =>
+            {
+                return Err(MountError::TargetNotDirectory {
+                    path: target.to_path_buf(),
+                });
+            }
+            Ok(_) => {}
+        }
+        match rustix::fs::unlinkat(&parent_dir, name, AtFlags::REMOVEDIR) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(errno) => Err(rustix_error("remove", target)(errno)),
+        }
+    }
+
+    fn open_root(&self) -> Result<OwnedFd, MountError> {
+        rustix::fs::open(
+            &self.root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(rustix_error("open", &self.root))
+    }
+
+    /// `target` relative to the root; refused unless strictly below it.
+    fn relative<'a>(&self, target: &'a Path) -> Result<&'a Path, MountError> {
+        target
+            .strip_prefix(&self.root)
+            .ok()
+            .filter(|relative| {
+                !relative.as_os_str().is_empty()
+                    && relative
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)))
+            })
+            .ok_or_else(|| MountError::OutsideRoot {
+                path: target.to_path_buf(),
+                root: self.root.clone(),
+            })
+    }
+
+    fn probe_fd(&self, target: &Path, dir: &OwnedFd) -> Result<MountState, MountError> {
+        let before = fd_mount_identity(dir);
+        if let Some(identity) = before {
+            if identity.is_mount_root == Some(false) {
+                return Ok(MountState::NotMounted);
+            }
+            if let Some(unique_id) = identity.unique_id
+                && self.known.is_ours(target, unique_id)
+            {
+                return Ok(MountState::Ours);
+            }
+        }
+        let state = match self.scan_fd(target, dir)? {
+            None => MountState::NotMounted,
+            Some(entry) if entry.is_scopehold_tmpfs() => MountState::Ours,
+            Some(entry) => MountState::Foreign(entry),
+        };
+        // The descriptor pins the mount, so the scan described this one.
+        if state == MountState::Ours
+            && let Some(unique_id) = before.and_then(|id| id.unique_id)
+        {
+            self.known.remember(target, unique_id);
+        }
+        Ok(state)
+    }
+
+    /// The mountinfo line of the mount `dir` is the root of, if it is one.
+    fn scan_fd(&self, target: &Path, dir: &OwnedFd) -> Result<Option<MountInfoEntry>, MountError> {
+        let stat = statx(
+            dir,
+            "",
+            AtFlags::EMPTY_PATH,
+            StatxFlags::MNT_ID | StatxFlags::BASIC_STATS,
+        )
+        .map_err(rustix_error("inspect", target))?;
+        // Linux 5.8+ says whether this is a mount root; without that, the
+        // mount point must be where the descriptor is.
+        let known_root = stat
+            .stx_attributes_mask
+            .contains(StatxAttributes::MOUNT_ROOT)
+            .then(|| stat.stx_attributes.contains(StatxAttributes::MOUNT_ROOT));
+        if known_root == Some(false) || stat.stx_mask & StatxFlags::MNT_ID.bits() == 0 {
+            return Ok(None);
+        }
+        self.known.count_scan();
+        let entries = read_mountinfo()?;
+        let Some(entry) = entries
+            .iter()
+            .find(|entry| u64::from(entry.mount_id) == stat.stx_mnt_id)
+        else {
+            return Ok(None);
+        };
+        if known_root.is_none()
+            && fs::read_link(fd_path(dir)).ok().as_deref() != Some(entry.mount_point.as_path())
+        {
+            return Ok(None);
+        }
+        Ok(Some(entry.clone()))
+    }
+
+    fn require_ours_fd(&self, target: &Path, dir: &OwnedFd) -> Result<(), MountError> {
+        match self.probe_fd(target, dir)? {
             MountState::Ours => Ok(()),
             MountState::Foreign(existing) => Err(foreign_mount(target, &existing)),
             MountState::NotMounted => Err(MountError::NotMounted {
@@ -614,11 +840,10 @@ impl DetachedView {
         PathBuf::from(format!("/proc/self/fd/{}/.", self.dir.as_raw_fd()))
     }
 
-    /// Whether `target` still shows this tmpfs (it was not unmounted and
-    /// replaced behind our back).
-    pub fn serves(&self, target: &Path) -> bool {
-        fs::symlink_metadata(target)
-            .is_ok_and(|metadata| metadata.is_dir() && metadata.dev() == self.dev)
+    /// The tmpfs's device number: a target whose descriptor shows the
+    /// same one still serves this tmpfs (see [`Mounter::device_of`]).
+    pub fn dev(&self) -> u64 {
+        self.dev
     }
 }
 
@@ -638,29 +863,69 @@ fn remount_bind(path: &Path, read_only: bool) -> Result<(), MountError> {
     ))
 }
 
-/// Resolves `path` to its canonical form after checking that it is a real
-/// directory and not itself a symlink.
-fn checked_directory(path: &Path) -> Result<PathBuf, MountError> {
-    let metadata = fs::symlink_metadata(path).map_err(io_error("inspect", path))?;
-    if metadata.file_type().is_symlink() {
-        return Err(MountError::TargetIsSymlink {
-            path: path.to_path_buf(),
-        });
+/// A new tmpfs, detached (attached nowhere yet) and read-only as a mount;
+/// its superblock stays writable for the plugin's private view.
+fn new_read_only_tmpfs(options: &TmpfsOptions) -> rustix::io::Result<OwnedFd> {
+    let context = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    fsconfig_set_string(&context, "source", TMPFS_SOURCE)?;
+    fsconfig_set_string(&context, "size", options.size_bytes.to_string())?;
+    fsconfig_set_string(&context, "mode", format!("{:04o}", options.mode))?;
+    if let Some(gid) = options.gid {
+        fsconfig_set_string(&context, "gid", gid.to_string())?;
     }
-    if !metadata.is_dir() {
-        return Err(MountError::TargetNotDirectory {
-            path: path.to_path_buf(),
-        });
-    }
-    fs::canonicalize(path).map_err(io_error("resolve", path))
+    fsconfig_create(&context)?;
+    fsmount(
+        &context,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_RDONLY
+            | MountAttrFlags::MOUNT_ATTR_NOSUID
+            | MountAttrFlags::MOUNT_ATTR_NODEV
+            | MountAttrFlags::MOUNT_ATTR_NOEXEC,
+    )
 }
 
-/// `path` resolved, or `None` when it does not exist.
-fn canonical_or_missing(path: &Path) -> Result<Option<PathBuf>, MountError> {
-    match fs::canonicalize(path) {
-        Ok(canonical) => Ok(Some(canonical)),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(error) => Err(io_error("resolve", path)(error)),
+/// Opens the directory `relative` beneath `dir`: no symlink (or magic
+/// link) is followed at any step, and `..` cannot climb out.
+fn open_beneath(dir: &OwnedFd, relative: &Path) -> rustix::io::Result<OwnedFd> {
+    openat2(
+        dir,
+        relative,
+        // No O_NOFOLLOW: with O_PATH it would return a final symlink
+        // itself; RESOLVE_NO_SYMLINKS refuses it (ELOOP) instead.
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
+/// `/proc/self/fd/N`: the kernel resolves it to exactly the object the
+/// descriptor holds, whatever happened to the path since.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+fn rustix_error(op: &'static str, path: &Path) -> impl FnOnce(rustix::io::Errno) -> MountError {
+    move |errno| MountError::Io {
+        op,
+        path: path.to_path_buf(),
+        source: io::Error::from_raw_os_error(errno.raw_os_error()),
+    }
+}
+
+/// Errors of resolving a target: a symlink anywhere on the way, a
+/// non-directory, or an escape are named as such.
+fn resolve_error(path: &Path) -> impl FnOnce(rustix::io::Errno) -> MountError {
+    move |errno| match errno {
+        rustix::io::Errno::LOOP => MountError::TargetIsSymlink {
+            path: path.to_path_buf(),
+        },
+        rustix::io::Errno::NOTDIR => MountError::TargetNotDirectory {
+            path: path.to_path_buf(),
+        },
+        rustix::io::Errno::XDEV => MountError::Escapes {
+            path: path.to_path_buf(),
+        },
+        errno => rustix_error("resolve", path)(errno),
     }
 }
 
@@ -1046,7 +1311,7 @@ mod tests {
             fs::read_dir(fixture.root.path().join("scratch"))?.count(),
             0
         );
-        assert!(view.serves(&target));
+        assert_eq!(fixture.mounter.device_of(&target), Some(view.dev()));
         fs::write(view.path().join("file"), b"through the detached view")?;
         fs::create_dir(view.path().join("..dir"))?;
         assert_eq!(fs::read(target.join("file"))?, b"through the detached view");
@@ -1058,7 +1323,7 @@ mod tests {
 
         // Once the target no longer shows this tmpfs, the view says so.
         fixture.mounter.unmount(&target, UnmountMode::Normal)?;
-        assert!(!view.serves(&target));
+        assert_ne!(fixture.mounter.device_of(&target), Some(view.dev()));
         drop(view);
         Ok(())
     }
@@ -1132,5 +1397,180 @@ mod tests {
             .mount_data(),
             "size=4096,mode=0750"
         );
+    }
+}
+
+/// The plugin runs in its own mount namespace with the kubelet directory
+/// shared both ways (kubelet's `Bidirectional` mount propagation): what it
+/// mounts there propagates to the host, where kubelet and the container
+/// runtime bind it into the pod. These tests publish from a fresh mount
+/// namespace and look from the test's own (the host's) namespace.
+#[cfg(test)]
+mod propagation_tests {
+    use std::fs;
+    use std::os::unix::fs::symlink;
+    use std::path::{Path, PathBuf};
+    use std::sync::mpsc;
+
+    use nix::mount::{MntFlags, MsFlags};
+    use nix::sched::{CloneFlags, unshare};
+
+    use super::{Mounter, TmpfsOptions, UnmountMode, parse_mountinfo};
+    use crate::csi::volume::atomic_writer::{AtomicWriter, FileContent, Payload};
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// A directory bind-mounted onto itself and made shared, as kubelet's
+    /// root directory is on a node; unmounted (with everything below) on drop.
+    struct SharedDir {
+        dir: tempfile::TempDir,
+        path: PathBuf,
+    }
+
+    impl SharedDir {
+        fn new() -> Result<Self, Box<dyn std::error::Error>> {
+            let dir = tempfile::tempdir()?;
+            let path = fs::canonicalize(dir.path())?.join("kubelet");
+            fs::create_dir(&path)?;
+            nix::mount::mount(
+                Some(&path),
+                &path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )?;
+            nix::mount::mount(
+                None::<&str>,
+                &path,
+                None::<&str>,
+                MsFlags::MS_SHARED,
+                None::<&str>,
+            )?;
+            Ok(Self { dir, path })
+        }
+    }
+
+    impl Drop for SharedDir {
+        fn drop(&mut self) {
+            for _ in 0..8 {
+                let _ = nix::mount::umount2(&self.path.join("mount"), MntFlags::MNT_DETACH);
+            }
+            let _ = nix::mount::umount2(&self.path, MntFlags::MNT_DETACH);
+            let _ = self.dir.path();
+        }
+    }
+
+    /// The thread of the other namespace: say when done, get its result.
+    type NamespaceThread = (
+        mpsc::Sender<()>,
+        std::thread::JoinHandle<Result<(), String>>,
+    );
+
+    /// Runs `publish` on a thread that first moves into a new mount
+    /// namespace (a copy of this one, so the shared directory stays a peer),
+    /// then waits for `done` before it unmounts and ends.
+    fn in_other_namespace(
+        publish: impl FnOnce() -> Result<(), String> + Send + 'static,
+        unpublish: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> Result<NamespaceThread, String> {
+        let (published_tx, published_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let result = unshare(CloneFlags::CLONE_NEWNS)
+                .map_err(|error| format!("unshare: {error}"))
+                .and_then(|()| publish());
+            let failed = result.is_err();
+            let _ = published_tx.send(result);
+            if failed {
+                return Ok(());
+            }
+            let _ = done_rx.recv();
+            unpublish()
+        });
+        published_rx.recv().map_err(|error| error.to_string())??;
+        Ok((done_tx, thread))
+    }
+
+    fn host_mount_at(
+        path: &Path,
+    ) -> Result<Option<super::MountInfoEntry>, Box<dyn std::error::Error>> {
+        let entries = parse_mountinfo(&fs::read("/proc/self/mountinfo")?)?;
+        Ok(super::topmost_mount_at(&entries, path).cloned())
+    }
+
+    /// The defect: the tmpfs was mounted read-write and only the plugin's
+    /// own copy was then remounted read-only, so the copy that propagated to
+    /// the host (and from there into the pod) stayed writable.
+    #[test]
+    fn a_volume_published_from_another_mount_namespace_is_read_only_on_the_host() -> TestResult {
+        let kubelet = SharedDir::new()?;
+        let target = kubelet.path.join("mount");
+        let scratch = kubelet.dir.path().join("scratch");
+        let mounter = Mounter::new(&scratch).with_root(&kubelet.path);
+        let (publish_mounter, publish_target) = (mounter.clone(), target.clone());
+        let (unpublish_mounter, unpublish_target) = (mounter.clone(), target.clone());
+        let (done, thread) = in_other_namespace(
+            move || {
+                let options = TmpfsOptions {
+                    size_bytes: 1024 * 1024,
+                    mode: 0o755,
+                    gid: None,
+                };
+                publish_mounter
+                    .mount_tmpfs(&publish_target, &options)
+                    .map_err(|error| error.to_string())?;
+                publish_mounter
+                    .set_read_only(&publish_target, true)
+                    .map_err(|error| error.to_string())?;
+                let view = publish_mounter
+                    .detached_view(&publish_target)
+                    .map_err(|error| error.to_string())?;
+                let payload: Payload = [(
+                    "api-key".to_owned(),
+                    FileContent::new(b"value-1".to_vec(), 0o444),
+                )]
+                .into_iter()
+                .collect();
+                AtomicWriter::new(view.path())
+                    .write(&payload, None)
+                    .map_err(|error| error.to_string())?;
+                Ok(())
+            },
+            move || {
+                unpublish_mounter
+                    .unmount(&unpublish_target, UnmountMode::Detach)
+                    .map(|_| ())
+                    .map_err(|error| error.to_string())
+            },
+        )?;
+
+        // From the host's namespace: the files are there, and nothing can
+        // be written, created, renamed or replaced.
+        let checks = (|| -> TestResult {
+            let entry = host_mount_at(&target)?.ok_or("the mount did not propagate to the host")?;
+            assert!(entry.is_scopehold_tmpfs(), "{entry:?}");
+            assert_eq!(fs::read(target.join("api-key"))?, b"value-1");
+            assert!(
+                entry.is_read_only(),
+                "the host's copy of the volume is writable: {entry:?}"
+            );
+            assert!(fs::write(target.join("api-key"), b"tampered").is_err());
+            assert!(fs::write(target.join("planted"), b"x").is_err());
+            assert!(fs::create_dir(target.join("dir")).is_err());
+            assert!(symlink("/etc", target.join("..data_new")).is_err());
+            assert!(fs::rename(target.join("..data"), target.join("..old")).is_err());
+            assert!(fs::remove_file(target.join("..data")).is_err());
+            assert_eq!(fs::read(target.join("api-key"))?, b"value-1");
+            Ok(())
+        })();
+        let _ = done.send(());
+        let unpublished = thread.join().map_err(|_| "the namespace thread panicked")?;
+        checks?;
+        unpublished?;
+        assert!(
+            host_mount_at(&target)?.is_none(),
+            "the unmount did not propagate"
+        );
+        Ok(())
     }
 }

@@ -45,9 +45,10 @@ impl VolumeHandle {
         AtomicWriter::new(self.view.path()).with_retiring(self.retiring.clone())
     }
 
-    /// Whether the volume's target still shows this tmpfs.
-    pub fn serves(&self, target: &Path) -> bool {
-        self.view.serves(target)
+    /// Whether the volume's target still shows this tmpfs (resolved from
+    /// the kubelet directory's descriptor, symlinks refused).
+    pub fn serves(&self, mounter: &Mounter, target: &Path) -> bool {
+        mounter.device_of(target) == Some(self.view.dev())
     }
 }
 
@@ -140,7 +141,7 @@ impl VolumeTable {
             .lock()
             .get(volume_id)
             .and_then(|t| t.handle.clone())
-            .filter(|handle| handle.serves(target));
+            .filter(|handle| handle.serves(mounter, target));
         if let Some(handle) = cached {
             return Ok(handle);
         }
@@ -157,6 +158,13 @@ impl VolumeTable {
     pub fn set_handle(&self, volume_id: &str, handle: Arc<VolumeHandle>) {
         if let Some(tracked) = self.lock().get_mut(volume_id) {
             tracked.handle = Some(handle);
+        }
+    }
+
+    /// Drops the volume's handle (its tmpfs was unmounted).
+    pub fn clear_handle(&self, volume_id: &str) {
+        if let Some(tracked) = self.lock().get_mut(volume_id) {
+            tracked.handle = None;
         }
     }
 
