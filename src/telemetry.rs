@@ -35,3 +35,38 @@ pub fn init(format: LogFormat) {
         eprintln!("logging already initialised: {e}");
     }
 }
+
+/// `/metrics` (Prometheus text) and `/healthz` of one registry, for a small
+/// HTTP listener.
+pub fn metrics_router(
+    registry: std::sync::Arc<prometheus_client::registry::Registry>,
+) -> axum::Router {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut body = String::new();
+                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                        Ok(()) => (
+                            StatusCode::OK,
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            body,
+                        ),
+                        Err(_) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            [(header::CONTENT_TYPE, "text/plain")],
+                            "encoding metrics failed".to_owned(),
+                        ),
+                    }
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+}

@@ -456,7 +456,8 @@ fn defaults_render_the_expected_objects() {
         ("ClusterRoleBinding", 1),
         ("Role", 1),
         ("RoleBinding", 1),
-        ("Service", 2),
+        // custody, the controller's metrics, the node plugins' metrics
+        ("Service", 3),
         ("Deployment", 1),
         ("DaemonSet", 1),
         ("PodDisruptionBudget", 1),
@@ -934,17 +935,48 @@ fn service_monitor_renders_only_when_enabled() {
         strings(&sm["spec"]["namespaceSelector"]["matchNames"]),
         ["scopehold-system"]
     );
-    // It selects the metrics Service (only), on its named port.
+    // It selects the controller's and the node plugins' metrics Services
+    // (only), on their named port, and each of them selects its pods.
     let selector = &sm["spec"]["selector"]["matchLabels"];
-    let metrics = r.named("Service", "scopehold-metrics");
-    assert!(selects(selector, &metrics["metadata"]["labels"]));
+    for (service, pods) in [
+        ("scopehold-metrics", r.one("Deployment")),
+        ("scopehold-node-metrics", r.one("DaemonSet")),
+    ] {
+        let metrics = r.named("Service", service);
+        assert!(
+            selects(selector, &metrics["metadata"]["labels"]),
+            "{service}"
+        );
+        assert!(
+            selects(
+                &metrics["spec"]["selector"],
+                &pods["spec"]["template"]["metadata"]["labels"]
+            ),
+            "{service}"
+        );
+        assert_eq!(
+            sm["spec"]["endpoints"][0]["port"],
+            metrics["spec"]["ports"][0]["name"]
+        );
+    }
     assert!(!selects(
         selector,
         &r.named("Service", "scopehold-custody")["metadata"]["labels"]
     ));
-    assert_eq!(
-        sm["spec"]["endpoints"][0]["port"],
-        metrics["spec"]["ports"][0]["name"]
+    // The node plugin listens where the Service points.
+    let node = &r.one("DaemonSet")["spec"]["template"]["spec"]["containers"][0];
+    let args = strings(&node["args"]);
+    let at = args
+        .iter()
+        .position(|a| a == "--metrics-listen")
+        .expect("--metrics-listen");
+    assert_eq!(args[at + 1], "0.0.0.0:9810");
+    assert!(
+        node["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "metrics" && p["containerPort"] == 9810)
     );
     assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
 }

@@ -944,3 +944,188 @@ async fn a_republish_converges_idempotently_and_never_fails_to_withdraw() {
         .expect("unpublished");
     assert!(!target.exists());
 }
+
+/// Both metrics endpoints, scraped against the real stack: the series move
+/// with what happens (publish, a denial, a revocation, a rotation, unpublish).
+#[tokio::test]
+async fn the_controller_and_the_node_plugin_metrics_follow_what_happens() {
+    use common::scrape::{self, Scrape};
+    let s = Stack::new("metrics").await;
+    let controller_addr = {
+        let logs = s.controller.as_ref().unwrap().logs();
+        logs.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| v["metrics_addr"].as_str().map(str::to_owned))
+            .expect("controller metrics_addr")
+    };
+    let plugin_addr = wait_for_desc("node plugin metrics_addr", WAIT, async || {
+        s.plugin().metrics_addr()
+    })
+    .await;
+    let scrape_both = async || -> (Scrape, Scrape) {
+        (
+            scrape::endpoint(&controller_addr)
+                .await
+                .expect("controller /metrics"),
+            scrape::endpoint(&plugin_addr)
+                .await
+                .expect("plugin /metrics"),
+        )
+    };
+    s.await_stream().await;
+    let (c0, n0) = scrape_both().await;
+    assert_eq!(
+        n0.sum("scopehold_node_push_stream_connected", &[]),
+        1.0,
+        "{}",
+        n0.text
+    );
+    assert_eq!(n0.sum("scopehold_node_volumes_mounted", &[]), 0.0);
+    assert_eq!(
+        c0.sum("scopehold_custody_invalidation_streams", &[]),
+        1.0,
+        "{}",
+        c0.text
+    );
+
+    let (pod, target) = s.agent_with_two_grants("bot", |_| {}).await;
+    // A pod of no agent: denied (NoAgentIdentity), nothing mounted.
+    create_service_account(&s.client, &s.ns, "stranger-sa").await;
+    let stranger = s.pod("stranger", "stranger-sa").await;
+    let denied = s.publish(&stranger).await.expect_err("denied");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    // A revocation, then a rotation of the other grant's Secret.
+    let started = Instant::now();
+    s.patch_grant("bot-a", json!({"revoked": true})).await;
+    gone_in_time("revoked", &target.join("a"), started);
+    Api::<Secret>::namespaced(s.client.clone(), &s.ns)
+        .patch(
+            "bot-b",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"value": "metrics-rotated"}})),
+        )
+        .await
+        .unwrap();
+    wait_for_desc("rotated", WAIT, async || {
+        (std::fs::read_to_string(target.join("b")).ok()? == "metrics-rotated").then_some(())
+    })
+    .await;
+
+    let (c1, n1) = wait_for_desc("the series moved", WAIT, async || {
+        let (c, n) = scrape_both().await;
+        (n.sum(
+            "scopehold_node_invalidations_applied_total",
+            &[("kind", "rotated")],
+        ) >= 1.0
+            && c.sum(
+                "scopehold_custody_node_reports_total",
+                &[("kind", "SecretRotated")],
+            ) >= 1.0)
+            .then_some((c, n))
+    })
+    .await;
+    let moved = |a: &Scrape, b: &Scrape, name: &str, labels: &[(&str, &str)]| {
+        b.sum(name, labels) - a.sum(name, labels)
+    };
+    // Custody: the publishes and the rotation's refresh were allowed, the
+    // stranger denied; each Resolve timed; invalidations sent on the stream.
+    assert!(
+        moved(
+            &c0,
+            &c1,
+            "scopehold_custody_decisions_total",
+            &[("result", "allowed"), ("reason", "Granted")]
+        ) >= 2.0,
+        "{}",
+        c1.text
+    );
+    assert_eq!(
+        moved(
+            &c0,
+            &c1,
+            "scopehold_custody_decisions_total",
+            &[("result", "denied"), ("reason", "NoAgentIdentity")]
+        ),
+        1.0,
+        "{}",
+        c1.text
+    );
+    assert!(
+        moved(
+            &c0,
+            &c1,
+            "scopehold_custody_resolve_duration_seconds_count",
+            &[]
+        ) >= 3.0
+    );
+    assert!(
+        moved(
+            &c0,
+            &c1,
+            "scopehold_custody_invalidations_sent_total",
+            &[("kind", "revoked")]
+        ) >= 1.0
+    );
+    assert!(
+        moved(
+            &c0,
+            &c1,
+            "scopehold_custody_invalidations_sent_total",
+            &[("kind", "rotated")]
+        ) >= 1.0
+    );
+    assert!(moved(&c0, &c1, "scopehold_event_occurrences_total", &[]) >= 4.0);
+    // The node plugin: two publishes (one failed with PermissionDenied),
+    // one volume mounted and registered, the revocation and rotation applied.
+    assert!(
+        moved(
+            &n0,
+            &n1,
+            "scopehold_node_publish_duration_seconds_count",
+            &[]
+        ) >= 2.0
+    );
+    assert_eq!(
+        moved(
+            &n0,
+            &n1,
+            "scopehold_node_errors_total",
+            &[
+                ("method", "NodePublishVolume"),
+                ("code", "PermissionDenied")
+            ]
+        ),
+        1.0,
+        "{}",
+        n1.text
+    );
+    assert_eq!(n1.sum("scopehold_node_volumes_mounted", &[]), 1.0);
+    assert_eq!(n1.sum("scopehold_node_registry_entries", &[]), 1.0);
+    assert!(
+        moved(
+            &n0,
+            &n1,
+            "scopehold_node_invalidations_applied_total",
+            &[("kind", "revoked")]
+        ) >= 1.0
+    );
+    assert!(moved(&n0, &n1, "scopehold_node_invalidations_received_total", &[]) >= 2.0);
+
+    s.kubelet
+        .unpublish(&pod.info.uid, VOLUME)
+        .await
+        .unwrap()
+        .expect("unpublished");
+    let (_, n2) = scrape_both().await;
+    assert_eq!(n2.sum("scopehold_node_volumes_mounted", &[]), 0.0);
+    assert_eq!(n2.sum("scopehold_node_registry_entries", &[]), 0.0);
+    assert_eq!(
+        moved(
+            &n1,
+            &n2,
+            "scopehold_node_unpublish_duration_seconds_count",
+            &[]
+        ),
+        1.0
+    );
+}

@@ -197,6 +197,9 @@ struct NodeArgs {
     /// Size limit of each volume's tmpfs (Ki, Mi, Gi, k, M, G or bytes).
     #[arg(long, env = "SCOPEHOLD_TMPFS_SIZE", default_value = "1Mi", value_parser = scopehold::csi::grpc::server::parse_size)]
     tmpfs_size: u64,
+    /// Serve Prometheus /metrics (and /healthz) on this address, e.g. 0.0.0.0:9809.
+    #[arg(long, env = "SCOPEHOLD_NODE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Log format on stdout.
     #[arg(long, env = "SCOPEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
@@ -515,6 +518,7 @@ async fn run_node(args: NodeArgs) -> Result<(), CliError> {
         state_dir: args.state_dir,
         scratch_dir: args.scratch_dir,
         tmpfs_size_bytes: args.tmpfs_size,
+        metrics_listen: args.metrics_listen,
     };
     Ok(server::run(settings, server::shutdown_signal()).await?)
 }

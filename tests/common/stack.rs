@@ -142,6 +142,7 @@ impl NodePluginProcess {
             .arg("--scratch-dir")
             .arg(dir.join("scratch"))
             .args(["--log-format", "json"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .stdin(Stdio::null())
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
@@ -167,6 +168,14 @@ impl NodePluginProcess {
     /// Everything the plugin printed so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Where the plugin serves `/metrics` (it logs the bound address).
+    pub fn metrics_addr(&self) -> Option<String> {
+        self.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| v["metrics_addr"].as_str().map(str::to_owned))
     }
 
     /// The plugin's JSON audit lines, in order.

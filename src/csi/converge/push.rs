@@ -37,6 +37,8 @@ pub struct PushState {
     connected: AtomicBool,
     /// Invalidations received since start.
     received: AtomicU64,
+    /// Invalidations that concerned a volume here (RESYNC always), by kind.
+    applied: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl PushState {
@@ -46,6 +48,36 @@ impl PushState {
 
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
+    }
+
+    /// Applied invalidations by kind (`revoked`, `rotated`, `resync`, ...).
+    pub fn applied(&self) -> Vec<(&'static str, u64)> {
+        self.applied
+            .lock()
+            .map(|a| a.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
+    }
+
+    fn count_applied(&self, kind: Kind, volumes: usize) {
+        if volumes == 0 && kind != Kind::Resync {
+            return;
+        }
+        let name = kind.as_str_name();
+        let name = name.strip_prefix("KIND_").unwrap_or(name);
+        let label = match name {
+            "REVOKED" => "revoked",
+            "EXPIRED" => "expired",
+            "SUSPENDED" => "suspended",
+            "ROTATED" => "rotated",
+            "DELETED" => "deleted",
+            "CONFLICT" => "conflict",
+            "CHANGED" => "changed",
+            "RESYNC" => "resync",
+            _ => "other",
+        };
+        if let Ok(mut a) = self.applied.lock() {
+            *a.entry(label).or_default() += 1;
+        }
     }
 }
 
@@ -107,7 +139,8 @@ pub async fn run<R: Resolver>(service: NodeService<R>, state: Arc<PushState>) {
                             backoff.reset();
                             failures = 0;
                             state.received.fetch_add(1, Ordering::Relaxed);
-                            apply(&service, &invalidation);
+                            let volumes = apply(&service, &invalidation);
+                            state.count_applied(invalidation.kind(), volumes);
                         }
                         Some(Err(status)) => {
                             break format!(
@@ -143,8 +176,8 @@ pub async fn run<R: Resolver>(service: NodeService<R>, state: Arc<PushState>) {
     }
 }
 
-/// Queues work for every volume the invalidation concerns.
-pub fn apply<R: Resolver>(service: &NodeService<R>, invalidation: &Invalidation) {
+/// Queues work for every volume the invalidation concerns; returns how many.
+pub fn apply<R: Resolver>(service: &NodeService<R>, invalidation: &Invalidation) -> usize {
     let mut matched = 0_usize;
     for volume in service.volumes().entries() {
         if let Some(work) = plan(invalidation, &volume) {
@@ -172,6 +205,7 @@ pub fn apply<R: Resolver>(service: &NodeService<R>, invalidation: &Invalidation)
             "invalidation concerns no volume on this node"
         );
     }
+    matched
 }
 
 /// What an invalidation means for one volume, if anything.

@@ -14,6 +14,7 @@ use tokio::net::UnixListener;
 
 use super::controller::ControllerCapabilitiesServer;
 use super::identity::{DRIVER_NAME, IdentityService};
+use super::metrics::{Metered, NodeMetrics};
 use crate::csi::converge::push::PushState;
 use crate::csi::converge::reports::ReportSink;
 use crate::csi::converge::resolver::{CustodyClientConfig, CustodyClientError, CustodyResolver};
@@ -48,6 +49,8 @@ pub struct NodePluginSettings {
     /// Private directory for the short-lived writable views.
     pub scratch_dir: PathBuf,
     pub tmpfs_size_bytes: u64,
+    /// Serve Prometheus `/metrics` on this address.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Why the node plugin could not start or stopped with an error.
@@ -57,6 +60,12 @@ pub enum NodePluginError {
     InvalidEndpoint {
         endpoint: String,
         reason: &'static str,
+    },
+    #[error("listening for metrics on {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
     },
     #[error("--node-name must be 1 to {MAX_NODE_NAME_BYTES} bytes long")]
     InvalidNodeName,
@@ -218,6 +227,35 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Registers the node plugin's metrics and serves `/metrics` on `addr`.
+async fn serve_metrics<R: crate::csi::converge::resolver::Resolver>(
+    addr: std::net::SocketAddr,
+    node: &NodeService<R>,
+    push_state: &Arc<PushState>,
+    state_dir: &Path,
+) -> Result<NodeMetrics, NodePluginError> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let volumes = node.clone();
+    let metrics = NodeMetrics::register(
+        &mut registry,
+        push_state.clone(),
+        state_dir.to_owned(),
+        move || volumes.volumes().len(),
+    );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodePluginError::MetricsListen { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(metrics_addr = %bound, "node plugin metrics serving");
+    let router = crate::telemetry::metrics_router(Arc::new(registry));
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router).await {
+            tracing::error!(%error, "node plugin metrics server stopped");
+        }
+    });
+    Ok(metrics)
+}
+
 /// Runs the node plugin until `shutdown` resolves, then removes the socket.
 pub async fn run(
     settings: NodePluginSettings,
@@ -288,6 +326,10 @@ pub async fn run(
         "registry loaded"
     );
     let push_state = Arc::new(PushState::default());
+    let metrics = match settings.metrics_listen {
+        Some(addr) => Some(serve_metrics(addr, &node, &push_state, &settings.state_dir).await?),
+        None => None,
+    };
     let push = tokio::spawn(crate::csi::converge::push::run(
         node.clone(),
         push_state.clone(),
@@ -315,7 +357,7 @@ pub async fn run(
     );
     let served = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
-        .add_service(NodeServer::new(node))
+        .add_service(NodeServer::new(Metered::new(node, metrics)))
         // Conformance tooling only; no CONTROLLER_SERVICE is advertised.
         .add_service(ControllerCapabilitiesServer)
         .serve_with_incoming_shutdown(
