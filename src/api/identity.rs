@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use super::delivery::HOST_PATTERN;
 use super::duration::DURATION_PATTERN;
 
 /// A named coding agent. Pods that run as `serviceAccountName` in this namespace
@@ -78,6 +79,14 @@ pub struct AgentIdentitySpec {
     )]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub max_grant_ttl: Option<String>,
+
+    /// For pods with the proxy sidecar (delivery mode `proxy`): hosts the
+    /// agent may reach besides its proxy grants' hosts (`api.example.com`,
+    /// `*.example.com`, optional `:port`, default 443). Unset: every host is
+    /// reachable (tunnelled untouched). Set: every other host is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 259), regex(pattern = HOST_PATTERN)))]
+    pub egress_allow_list: Option<Vec<String>>,
 }
 
 /// Observed state of an AgentIdentity, written by the controller.

@@ -39,6 +39,11 @@ enum Command {
     Node(Box<NodeArgs>),
     /// Run the credential-injecting sidecar of delivery mode `proxy`.
     Proxy(Box<ProxyArgs>),
+    /// Exit 0 when the proxy sidecar accepts connections (its startup probe).
+    ProxyReady {
+        #[arg(long, default_value = "127.0.0.1:15001")]
+        addr: SocketAddr,
+    },
     /// Print the CRDs as YAML, or write them into a directory.
     Crdgen {
         /// Write one file per CRD into this directory instead of stdout.
@@ -250,6 +255,12 @@ struct ProxyArgs {
 enum CliError {
     #[error("proxy: {0}")]
     Proxy(#[from] scopehold::proxy::ProxyError),
+    #[error("proxy at {addr} not ready: {source}")]
+    NotReady {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("proxy rules: {0}")]
     ProxyRules(#[from] scopehold::proxy::rules::RulesError),
     #[error("node plugin: {0}")]
@@ -283,6 +294,10 @@ async fn main() -> ExitCode {
         Command::Controller(args) => run_controller(*args).await,
         Command::Node(args) => run_node(*args).await,
         Command::Proxy(args) => run_proxy(*args).await,
+        Command::ProxyReady { addr } => tokio::net::TcpStream::connect(addr)
+            .await
+            .map(drop)
+            .map_err(|source| CliError::NotReady { addr, source }),
         Command::Crdgen { out_dir } => crdgen(out_dir),
     };
     match result {

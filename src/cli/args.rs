@@ -100,6 +100,8 @@ pub enum Command {
     Audit(AuditArgs),
     /// Incident path: every grant, agent and pod that received a Secret; optionally revoke them all.
     Exposure(ExposureArgs),
+    /// Print a pod with the proxy sidecar added, as the admission webhook adds it (delivery mode proxy).
+    Inject(InjectArgs),
     /// Run ScopeHold locally (a real API server, the controller, the node plugin) and walk the five steps and the incident path.
     Demo,
 }
@@ -210,4 +212,18 @@ mod tests {
                 .is_ok()
         );
     }
+}
+
+#[derive(Args, Debug)]
+pub struct InjectArgs {
+    /// The pod manifest (YAML or JSON); `-` reads stdin.
+    #[arg(short = 'f', long)]
+    pub filename: String,
+    /// The ScopeHold image that runs the sidecar.
+    #[arg(
+        long,
+        env = "SCOPEHOLD_IMAGE",
+        default_value = "ghcr.io/scopehold/scopehold:latest"
+    )]
+    pub image: String,
 }

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::api::delivery::{HOST_PATTERN, VALUE_MARK};
-use crate::api::{DeliveryMode, KeyProxy, SecretGrant};
+use crate::api::{DeliveryMode, GrantPhase, KeyProxy, SecretGrant};
 use kube::ResourceExt;
 
 /// Everything the sidecar needs besides the values.
@@ -77,7 +77,9 @@ impl ProxyRules {
         let mut out: Vec<GrantRules> = grants
             .iter()
             .filter(|g| g.spec.agent == agent && g.spec.delivery == DeliveryMode::Proxy)
-            .filter(|g| !g.spec.revoked)
+            // Only grants that resolve now: the sidecar's volume names
+            // them, and custody refuses a volume naming an inactive grant.
+            .filter(|g| !g.spec.revoked && g.phase() == Some(GrantPhase::Active))
             .map(|g| GrantRules {
                 grant: g.name_any(),
                 secret: g.spec.secret_name.clone(),

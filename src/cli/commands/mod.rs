@@ -6,4 +6,5 @@ pub mod access;
 pub mod audit;
 pub mod exposure;
 pub mod grant;
+pub mod inject;
 pub mod state;

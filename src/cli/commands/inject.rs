@@ -1,0 +1,80 @@
+//! `kubectl scopehold inject -f pod.yaml`: prints the pod as the admission
+//! webhook would change it (the same function, `proxy::pod::inject`), for
+//! clusters that run no webhook.
+
+use std::io::Read as _;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::ListParams;
+
+use crate::cli::args::InjectArgs;
+use crate::cli::error::{CliError, api};
+use crate::cli::{Ctx, OutputFormat};
+use crate::proxy::pod::{SidecarSettings, inject};
+use crate::proxy::rules::ProxyRules;
+
+pub async fn run(ctx: &Ctx, args: &InjectArgs) -> Result<(), CliError> {
+    let mut text = String::new();
+    if args.filename == "-" {
+        std::io::stdin().read_to_string(&mut text)?;
+    } else {
+        text = std::fs::read_to_string(&args.filename)
+            .map_err(|e| CliError::invalid(format!("reading {}: {e}", args.filename)))?;
+    }
+    let pod: Pod = serde_yaml::from_str(&text)
+        .map_err(|e| CliError::invalid(format!("{} is not a Pod: {e}", args.filename)))?;
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| ctx.namespace.clone());
+    let service_account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    let identities =
+        kube::Api::<crate::api::AgentIdentity>::namespaced(ctx.client.clone(), &namespace)
+            .list(&ListParams::default())
+            .await
+            .map_err(api("listing AgentIdentities"))?;
+    let mut claiming = identities
+        .items
+        .into_iter()
+        .filter(|i| i.spec.service_account_name == service_account);
+    let identity = match (claiming.next(), claiming.next()) {
+        (Some(one), None) => one,
+        (None, _) => {
+            return Err(CliError::invalid(format!(
+                "no AgentIdentity in namespace {namespace:?} claims ServiceAccount {service_account:?}"
+            )));
+        }
+        (Some(_), Some(_)) => {
+            return Err(CliError::invalid(format!(
+                "two AgentIdentities claim ServiceAccount {service_account:?}; neither resolves"
+            )));
+        }
+    };
+    let grants = kube::Api::<crate::api::SecretGrant>::namespaced(ctx.client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await
+        .map_err(api("listing SecretGrants"))?;
+    let rules = ProxyRules::from_grants(
+        &namespace,
+        &identity.name_any(),
+        &grants.items,
+        identity.spec.egress_allow_list.clone(),
+    )
+    .map_err(|e| CliError::invalid(e.to_string()))?;
+    let settings = SidecarSettings {
+        image: args.image.clone(),
+        ..Default::default()
+    };
+    let changed = inject(&pod, &rules, &settings).map_err(|e| CliError::invalid(e.to_string()))?;
+    match ctx.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&changed)?),
+        _ => print!("{}", serde_yaml::to_string(&changed)?),
+    }
+    Ok(())
+}
