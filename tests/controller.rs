@@ -364,6 +364,34 @@ async fn max_grant_ttl_caps_expiry() {
     }
 }
 
+/// A value that fits in a Secret (600 KiB) but never in a node plugin
+/// volume (at most half of the default 1 MiB tmpfs): the grant is Invalid
+/// with the limit in its message, instead of Active and never mountable.
+/// Shrinking the value makes it Active again.
+#[tokio::test]
+async fn a_value_too_large_for_a_volume_makes_the_grant_invalid() {
+    let f = Fixture::new("too-large").await;
+    f.identity("bot", "bot-sa", |_| {}).await;
+    let big = "x".repeat(600 * 1024);
+    f.secret("creds", &[("api", big.as_str())]).await;
+    f.grant("g", "bot", "creds", &["api"], |_| {}).await;
+    let g = f
+        .await_grant("g", GrantPhase::Invalid, "ValueTooLarge")
+        .await;
+    let message = find_ready(&g.status.expect("status").conditions)
+        .expect("Ready")
+        .message
+        .clone();
+    assert!(message.contains("524288"), "no limit in {message:?}");
+    assert!(message.contains("volumeSizeLimit"), "{message:?}");
+    assert!(
+        !message.contains("xxxxxxxx"),
+        "the value leaked: {message:?}"
+    );
+    f.set_secret("creds", &[("api", "small")]).await;
+    f.await_grant("g", GrantPhase::Active, "Active").await;
+}
+
 #[tokio::test]
 async fn secret_and_key_disappearing_invalidate_the_grant() {
     let f = Fixture::new("secret-gone").await;

@@ -566,6 +566,8 @@ fn controller_deployment_is_locked_down() {
             "0.0.0.0:8080",
             "--node-service-account",
             "scopehold-system/scopehold-node",
+            "--volume-size-limit",
+            "1Mi",
         ]
     );
     let sc = &c["securityContext"];

@@ -19,6 +19,8 @@ pub enum Reason {
     Expired,
     Revoked,
     InvalidSpec,
+    /// The granted keys' values cannot fit in a node plugin's volume.
+    ValueTooLarge,
 }
 
 impl Reason {
@@ -34,6 +36,7 @@ impl Reason {
             Reason::Expired => "Expired",
             Reason::Revoked => "Revoked",
             Reason::InvalidSpec => "InvalidSpec",
+            Reason::ValueTooLarge => "ValueTooLarge",
         }
     }
 }

@@ -177,7 +177,7 @@ pub struct SecretGrantStatus {
     pub phase: Option<GrantPhase>,
     /// `Ready` says whether the grant resolves now; its reason says why not
     /// (SecretNotFound, KeyNotFound, AgentNotFound, AgentSuspended, Conflict,
-    /// Expired, Revoked, InvalidSpec).
+    /// Expired, Revoked, InvalidSpec, ValueTooLarge).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Effective expiry: the earliest of expiresAt, creation + ttl and

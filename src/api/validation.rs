@@ -14,6 +14,19 @@ pub const FILE_NAME_CEL_MESSAGE: &str =
 /// Longest file name in a mount (a Secret key's limit, below the kernel's
 /// 255 bytes).
 pub const MAX_FILE_NAME_BYTES: usize = 253;
+/// Default size of each node plugin volume's tmpfs (chart value
+/// `node.volumeSizeLimit`, which feeds both the node plugin's `--tmpfs-size`
+/// and the controller's `--volume-size-limit`).
+pub const DEFAULT_VOLUME_SIZE_BYTES: u64 = 1024 * 1024;
+
+/// The most file content (values plus file names) one volume may hold:
+/// half its tmpfs, so that a rotation (old and new version side by side)
+/// always fits. The node plugin refuses more at mount time; the controller
+/// marks a grant that alone exceeds it `Invalid` / `ValueTooLarge`.
+pub fn volume_payload_limit(volume_size_bytes: u64) -> u64 {
+    volume_size_bytes / 2
+}
+
 /// Names starting with this are reserved for the atomic writer (`..data`,
 /// its version directories and staging links), as kubelet reserves them.
 pub const RESERVED_PREFIX: &str = "..";

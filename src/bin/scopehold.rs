@@ -69,6 +69,11 @@ struct ControllerArgs {
     /// Reconciles in flight at most, per kind.
     #[arg(long, env = "SCOPEHOLD_CONCURRENCY", default_value_t = 32)]
     concurrency: u16,
+    /// Size of each node plugin volume's tmpfs: the node plugin's
+    /// `--tmpfs-size` (the chart feeds both from `node.volumeSizeLimit`). A
+    /// grant whose files alone exceed half of it is Invalid / ValueTooLarge.
+    #[arg(long, env = "SCOPEHOLD_VOLUME_SIZE_LIMIT", default_value = "1Mi", value_parser = scopehold::csi::grpc::server::parse_size)]
+    volume_size_limit: u64,
     /// Serve the custody gRPC API on this address (node plugins call it).
     #[arg(long, env = "SCOPEHOLD_CUSTODY_LISTEN")]
     custody_listen: Option<SocketAddr>,
@@ -346,6 +351,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         namespace: args.watch_namespace,
         instance: args.instance.clone(),
         concurrency: args.concurrency,
+        volume_size_limit_bytes: args.volume_size_limit,
     };
     let (caches, writers) = scopehold::caches::new();
     let mut flush_on_exit = None;

@@ -17,7 +17,7 @@ use super::{Context, Error, FIELD_MANAGER};
 use crate::api::conditions;
 use crate::api::{AgentIdentity, GrantPhase, SecretGrant, SecretGrantStatus};
 use crate::audit::Decision;
-use crate::policy::evaluate::{AgentState, GrantEvaluation, SecretState, evaluate_grant};
+use crate::policy::evaluate::{AgentState, GrantEvaluation, SecretState, evaluate_grant_within};
 
 pub(super) const KIND: &str = "SecretGrant";
 /// A grant without expiry is still looked at this often, as a safety net for
@@ -59,7 +59,13 @@ pub async fn reconcile(grant: Arc<SecretGrant>, ctx: Arc<Context>) -> Result<Act
         None => SecretState::Missing,
     };
     let now = Timestamp::now();
-    let evaluation = evaluate_grant(&grant, agent_state, secret_state, now);
+    let evaluation = evaluate_grant_within(
+        &grant,
+        agent_state,
+        secret_state,
+        now,
+        Some(ctx.volume_size_limit_bytes),
+    );
 
     let old = ctx
         .current_status(&grant.metadata, grant.status.clone())

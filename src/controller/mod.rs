@@ -53,6 +53,9 @@ pub struct Settings {
     pub instance: Option<String>,
     /// Reconciles in flight at most, per kind.
     pub concurrency: u16,
+    /// Size of each node plugin volume's tmpfs (the node plugin's
+    /// `--tmpfs-size`): a grant whose files alone cannot fit is `Invalid`.
+    pub volume_size_limit_bytes: u64,
 }
 
 /// Shared state of the reconcilers.
@@ -67,6 +70,8 @@ pub struct Context {
     pub caches: Caches,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// See [`Settings::volume_size_limit_bytes`].
+    pub volume_size_limit_bytes: u64,
 }
 
 impl Context {
@@ -185,6 +190,7 @@ pub async fn run(
         caches: caches.clone(),
         recorder: Recorder::new(client, reporter),
         metrics,
+        volume_size_limit_bytes: settings.volume_size_limit_bytes,
     });
 
     // Becoming the leader reconciles everything: a follower skipped it all.

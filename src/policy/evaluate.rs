@@ -9,7 +9,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use crate::api::conditions::Reason;
 use crate::api::duration;
 use crate::api::identity::AccessEntry;
-use crate::api::validation::{check_file_name, check_secret_key};
+use crate::api::validation::{check_file_name, check_secret_key, volume_payload_limit};
 use crate::api::{AgentIdentity, GrantPhase, SecretGrant};
 use crate::secrets::{SecretBytes, content_digest};
 
@@ -125,11 +125,40 @@ pub fn spec_problems(grant: &SecretGrant) -> Vec<String> {
 
 /// Decides a grant's phase. Precedence: revoked, then invalid spec, expired,
 /// missing or conflicting agent, suspended agent, missing Secret or keys.
+/// No volume size limit applies (see [`evaluate_grant_within`]).
 pub fn evaluate_grant(
     grant: &SecretGrant,
     agent: AgentState<'_>,
     secret: SecretState<'_>,
     now: Timestamp,
+) -> GrantEvaluation {
+    evaluate_grant_within(grant, agent, secret, now, None)
+}
+
+/// The bytes a grant's files take in a volume, counted as the node plugin
+/// counts them: each value plus its file name.
+pub fn granted_bytes(grant: &SecretGrant, data: &BTreeMap<String, SecretBytes>) -> u64 {
+    grant
+        .spec
+        .keys
+        .iter()
+        .map(|key| {
+            let value = data.get(&key.key).map_or(0, |bytes| bytes.0.len() as u64);
+            value.saturating_add(key.file_name().len() as u64)
+        })
+        .fold(0, u64::saturating_add)
+}
+
+/// [`evaluate_grant`], and a grant whose files alone exceed
+/// `volume_size_bytes`' payload limit ([`volume_payload_limit`]) is
+/// `Invalid` / `ValueTooLarge` instead of an `Active` grant that never
+/// mounts.
+pub fn evaluate_grant_within(
+    grant: &SecretGrant,
+    agent: AgentState<'_>,
+    secret: SecretState<'_>,
+    now: Timestamp,
+    volume_size_bytes: Option<u64>,
 ) -> GrantEvaluation {
     let identity = match agent {
         AgentState::Present { identity, .. } => Some(identity),
@@ -223,6 +252,22 @@ pub fn evaluate_grant(
                     Reason::KeyNotFound,
                     format!("Secret {secret_name:?}: {missing}"),
                 ),
+                Ok(_)
+                    if volume_size_bytes.is_some_and(|size| {
+                        granted_bytes(grant, data) > volume_payload_limit(size)
+                    }) =>
+                {
+                    let size = volume_size_bytes.unwrap_or_default();
+                    verdict(
+                        GrantPhase::Invalid,
+                        Reason::ValueTooLarge,
+                        format!(
+                            "the granted keys of Secret {secret_name:?} take {} bytes (values plus file names); a volume holds at most {} bytes (half of the node plugin's {size}-byte tmpfs, chart value node.volumeSizeLimit), so it could never be mounted",
+                            granted_bytes(grant, data),
+                            volume_payload_limit(size)
+                        ),
+                    )
+                }
                 Ok(_) => verdict(
                     GrantPhase::Active,
                     Reason::Active,
@@ -366,6 +411,47 @@ mod tests {
         assert_eq!((e.phase, e.reason), (GrantPhase::Active, Reason::Active));
         assert!(e.content_digest.is_some());
         assert_eq!(e.expires_at, None);
+    }
+
+    #[test]
+    fn a_grant_too_large_for_a_volume_is_invalid_with_the_limit() {
+        let g = grant(&["api"]);
+        let mut big = data(&["api"]);
+        big.insert("api".into(), SecretBytes(vec![b'x'; 600 * 1024]));
+        let volume = 1024 * 1024;
+        let e = evaluate_grant_within(
+            &g,
+            AgentState::Present {
+                identity: &identity(),
+                conflict: false,
+            },
+            SecretState::Present(&big),
+            ts(1_001),
+            Some(volume),
+        );
+        assert_eq!(
+            (e.phase, e.reason),
+            (GrantPhase::Invalid, Reason::ValueTooLarge)
+        );
+        assert!(e.message.contains("524288"), "{}", e.message);
+        assert!(!e.message.contains("xxxx"), "{}", e.message);
+        // Exactly at the limit (value plus file name) still fits.
+        let mut fits = data(&["api"]);
+        fits.insert(
+            "api".into(),
+            SecretBytes(vec![b'x'; 512 * 1024 - "api".len()]),
+        );
+        let e = evaluate_grant_within(
+            &g,
+            AgentState::Present {
+                identity: &identity(),
+                conflict: false,
+            },
+            SecretState::Present(&fits),
+            ts(1_001),
+            Some(volume),
+        );
+        assert_eq!(e.phase, GrantPhase::Active, "{}", e.message);
     }
 
     #[test]

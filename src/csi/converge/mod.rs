@@ -64,7 +64,7 @@ impl NodeConfig {
     /// The most file content one volume may hold: half the tmpfs, so that a
     /// rotation (old and new version side by side) always fits.
     pub fn payload_limit_bytes(&self) -> u64 {
-        self.tmpfs_size_bytes / 2
+        crate::api::validation::volume_payload_limit(self.tmpfs_size_bytes)
     }
 }
 
