@@ -1402,3 +1402,91 @@ async fn a_symlink_on_the_way_to_the_target_is_refused_and_nothing_is_mounted() 
     assert_eq!(fixture.tree()?, outside_before);
     Ok(())
 }
+
+/// NodePublishVolume from the plugin's own mount namespace, with the
+/// kubelet directory shared both ways (kubelet's `Bidirectional` mount of
+/// it into the plugin's container), checked from the test's namespace (the
+/// host's, from which kubelet and the runtime bind the volume into the pod):
+/// the host's copy is read-only, nothing can be written, created, renamed or
+/// replaced, and `..data` stays the plugin's.
+#[test]
+fn a_publish_from_the_plugins_mount_namespace_is_read_only_on_the_host() -> TestResult {
+    use nix::mount::MsFlags;
+    use nix::sched::{CloneFlags, unshare};
+
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let kubelet = fixture.kubelet_dir();
+    nix::mount::mount(
+        Some(&kubelet),
+        &kubelet,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )?;
+    nix::mount::mount(
+        None::<&str>,
+        &kubelet,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )?;
+    let request = fixture.request();
+    let target = fixture.target();
+    let service = fixture.service.clone();
+    let (published_tx, published_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let plugin = std::thread::spawn(move || -> Result<(), String> {
+        unshare(CloneFlags::CLONE_NEWNS).map_err(|error| format!("unshare: {error}"))?;
+        // Built after unshare: its blocking threads start in this namespace.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| error.to_string())?;
+        let published = runtime
+            .block_on(service.publish(&request))
+            .map(|_| ())
+            .map_err(|error| error.to_string());
+        let failed = published.is_err();
+        let _ = published_tx.send(published);
+        if failed {
+            return Ok(());
+        }
+        let _ = done_rx.recv();
+        runtime
+            .block_on(service.unpublish(&unpublish_request(&request.volume_id, &target)))
+            .map_err(|error| error.to_string())
+    });
+    published_rx.recv()??;
+
+    let target = fixture.target();
+    let checks = (|| -> TestResult {
+        let entries = mounts()?;
+        let entry = entries
+            .iter()
+            .rev()
+            .find(|entry| Some(&entry.mount_point) == fs::canonicalize(&target).ok().as_ref())
+            .ok_or("the volume did not propagate to the host")?;
+        assert!(entry.is_scopehold_tmpfs(), "{entry:?}");
+        assert!(
+            entry.is_read_only(),
+            "the host's copy is writable: {entry:?}"
+        );
+        assert_eq!(fs::read(target.join("api-key"))?, SECRET_A);
+        let data = fs::read_link(target.join("..data"))?;
+        assert!(fs::write(target.join("api-key"), b"tampered").is_err());
+        assert!(fs::write(target.join("planted"), b"x").is_err());
+        assert!(fs::create_dir(target.join("dir")).is_err());
+        assert!(std::os::unix::fs::symlink("/etc", target.join("..data_tmp")).is_err());
+        assert!(fs::rename(target.join("..data"), target.join("..old")).is_err());
+        assert!(fs::remove_file(target.join("..data")).is_err());
+        assert_eq!(fs::read_link(target.join("..data"))?, data);
+        assert_eq!(fs::read(target.join("api-key"))?, SECRET_A);
+        Ok(())
+    })();
+    let _ = done_tx.send(());
+    let unpublished = plugin.join().map_err(|_| "the plugin thread panicked")?;
+    checks?;
+    unpublished?;
+    assert!(!target.exists(), "the unpublish did not propagate");
+    Ok(())
+}
