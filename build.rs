@@ -5,7 +5,11 @@
 use std::error::Error;
 
 /// The protocol files, relative to the include root `proto/`.
-const PROTO_FILES: [&str; 2] = ["proto/csi/v1/csi.proto", "proto/scopehold/v1/custody.proto"];
+const PROTO_FILES: [&str; 3] = [
+    "proto/csi/v1/csi.proto",
+    "proto/scopehold/v1/custody.proto",
+    "proto/pluginregistration/v1/api.proto",
+];
 
 /// Messages that carry a token or secret value. prost must not derive `Debug`
 /// for them: `src/proto.rs` implements a redacting `Debug` instead, so a

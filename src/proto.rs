@@ -46,6 +46,22 @@ pub mod scopehold {
     }
 }
 
+/// Kubelet's plugin registration service (`k8s.io/kubelet`
+/// `pkg/apis/pluginregistration/v1`; its proto package is `pluginregistration`).
+pub mod pluginregistration {
+    #![allow(
+        clippy::all,
+        clippy::pedantic,
+        clippy::nursery,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        missing_docs,
+        unreachable_pub
+    )]
+    tonic::include_proto!("pluginregistration");
+}
+
 /// Shows a map's keys, never its values.
 struct KeysOnly<'a>(&'a HashMap<String, String>);
 

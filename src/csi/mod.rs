@@ -14,8 +14,11 @@
 //!   queues, the push stream, the expiry timer, the custody client and the
 //!   reports to custody.
 //! - [`grpc`], the gRPC surface: the Identity and Node services, the
-//!   Controller stub for csi-sanity, and the unix-socket server that wires
-//!   `scopehold node` together.
+//!   Controller stub for csi-sanity, kubelet's plugin registration service
+//!   ([`grpc::registration`], behind [`grpc::authority`]: kubelet sends the
+//!   socket path as `:authority`), the `/healthz` and `/readyz` endpoint
+//!   ([`grpc::health`]), and the unix-socket server that wires `scopehold
+//!   node` together.
 //!
 //! A publish is: validate the target path, parse the attributes, resolve via
 //! custody, `mount_tmpfs` + `set_read_only(true)`, then write the payload

@@ -10,13 +10,18 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
 use tokio::net::UnixListener;
 
 use super::controller::ControllerCapabilitiesServer;
+use super::health::HealthState;
 use super::identity::{DRIVER_NAME, IdentityService};
 use super::metrics::{Metered, NodeMetrics};
+use super::registration::{RegistrationError, RegistrationSettings, RegistrationState};
 use crate::csi::converge::push::PushState;
 use crate::csi::converge::reports::ReportSink;
+use crate::csi::converge::resolver::Resolver;
 use crate::csi::converge::resolver::{CustodyClientConfig, CustodyClientError, CustodyResolver};
 use crate::csi::converge::{NodeConfig, NodeService, new_request_id};
 use crate::csi::volume::mounter::{MountState, Mounter};
@@ -51,6 +56,10 @@ pub struct NodePluginSettings {
     pub tmpfs_size_bytes: u64,
     /// Serve Prometheus `/metrics` on this address.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Register with kubelet through its plugin registration directory.
+    pub registration: Option<RegistrationSettings>,
+    /// Serve `/healthz` and `/readyz` here.
+    pub health_listen: Option<SocketAddr>,
 }
 
 /// Why the node plugin could not start or stopped with an error.
@@ -89,6 +98,14 @@ pub enum NodePluginError {
     },
     #[error("serving CSI")]
     Serve(#[source] tonic::transport::Error),
+    #[error("registering with kubelet")]
+    Registration(#[from] RegistrationError),
+    #[error("serving the health endpoint on {addr}")]
+    Health {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Why the CSI socket could not be created.
@@ -339,6 +356,25 @@ pub async fn run(
         resolver.clone(),
         report_queue,
     ));
+    let registration_state = settings
+        .registration
+        .as_ref()
+        .map(|_| RegistrationState::default());
+    if let Some(addr) = settings.health_listen {
+        let (resolver, push_state) = (resolver.clone(), push_state.clone());
+        let health = HealthState {
+            registration: registration_state.clone(),
+            // CSI Probe's answer: an open invalidation stream, else a dial.
+            custody: Arc::new(move || {
+                let (resolver, push_state) = (resolver.clone(), push_state.clone());
+                Box::pin(async move { push_state.connected() || resolver.probe().await })
+            }),
+        };
+        let bound = super::health::spawn(addr, health)
+            .await
+            .map_err(|source| NodePluginError::Health { addr, source })?;
+        tracing::info!(health_addr = %bound, "health endpoint serving /healthz and /readyz");
+    }
     let identity = IdentityService::new(resolver).with_push_state(push_state);
 
     let listener = bind_socket(&socket).map_err(|source| NodePluginError::Socket {
@@ -355,16 +391,56 @@ pub async fn run(
         tmpfs_size_bytes = settings.tmpfs_size_bytes,
         "CSI node plugin serving"
     );
-    let served = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(identity))
-        .add_service(NodeServer::new(Metered::new(node, metrics)))
-        // Conformance tooling only; no CONTROLLER_SERVICE is advertised.
-        .add_service(ControllerCapabilitiesServer)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown,
-        )
-        .await;
+    // One shutdown signal for both servers: the CSI socket and the
+    // registration socket go away together.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let registration = match (settings.registration, registration_state) {
+        (Some(registration), Some(state)) => {
+            let mut stopped = stopped.clone();
+            Some(tokio::spawn(async move {
+                super::registration::serve(&registration, state, async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                })
+                .await
+            }))
+        }
+        _ => None,
+    };
+    let csi_shutdown = {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let served = {
+        let server = tonic::transport::Server::builder()
+            .add_service(IdentityServer::new(identity))
+            .add_service(NodeServer::new(Metered::new(node, metrics)))
+            // Conformance tooling only; no CONTROLLER_SERVICE is advertised.
+            .add_service(ControllerCapabilitiesServer)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                csi_shutdown,
+            );
+        tokio::pin!(server);
+        tokio::select! {
+            result = &mut server => result,
+            () = shutdown => {
+                let _ = stop.send(true);
+                server.await
+            }
+        }
+    };
+    let _ = stop.send(true);
+    if let Some(registration) = registration {
+        match registration.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::error!(error = %error, "plugin registration stopped with an error")
+            }
+            Err(error) => tracing::error!(error = %error, "plugin registration task failed"),
+        }
+    }
     push.abort();
     expiry.abort();
     reporter.abort();
