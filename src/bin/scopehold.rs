@@ -77,6 +77,11 @@ struct ControllerArgs {
     /// Serve the custody gRPC API on this address (node plugins call it).
     #[arg(long, env = "SCOPEHOLD_CUSTODY_LISTEN")]
     custody_listen: Option<SocketAddr>,
+    /// Bind the custody and metrics listeners with SO_REUSEPORT, so several
+    /// replicas in one network namespace (host networking on one node) can
+    /// listen on the same ports; the kernel spreads connections over them.
+    #[arg(long, env = "SCOPEHOLD_LISTEN_REUSE_PORT")]
+    listen_reuse_port: bool,
     #[command(flatten)]
     custody: CustodyArgs,
     #[command(flatten)]
@@ -210,6 +215,18 @@ struct NodeArgs {
     /// Serve Prometheus /metrics (and /healthz) on this address, e.g. 0.0.0.0:9809.
     #[arg(long, env = "SCOPEHOLD_NODE_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Register with kubelet: serve its plugin registration service on a
+    /// socket in this directory (kubelet's `<root>/plugins_registry`).
+    #[arg(long, env = "SCOPEHOLD_REGISTRATION_DIR")]
+    registration_dir: Option<PathBuf>,
+    /// The CSI socket's path as kubelet sees it (told to kubelet at
+    /// registration). Default: `<kubelet-dir>/plugins/csi.scopehold.dev/csi.sock`.
+    #[arg(long, env = "SCOPEHOLD_KUBELET_CSI_ENDPOINT")]
+    kubelet_csi_endpoint: Option<PathBuf>,
+    /// Serve /healthz (liveness) and /readyz (registered with kubelet and
+    /// custody reachable) on this address.
+    #[arg(long, env = "SCOPEHOLD_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
     /// Log format on stdout.
     #[arg(long, env = "SCOPEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
@@ -333,12 +350,12 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         (events, CustodyMetrics::register(&mut registry))
     });
     let ready = Arc::new(AtomicBool::new(false));
-    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
-        .await
-        .map_err(|source| CliError::Listen {
+    let listener = bind_tcp(args.metrics_listen, args.listen_reuse_port).map_err(|source| {
+        CliError::Listen {
             addr: args.metrics_listen,
             source,
-        })?;
+        }
+    })?;
     let bound = listener.local_addr().unwrap_or(args.metrics_listen);
     tracing::info!(metrics_addr = %bound, namespace = args.watch_namespace.as_deref(), "controller starting");
     let router = controller::http::router(Arc::new(registry), ready.clone());
@@ -358,6 +375,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
     if let (Some(addr), Some((events, custody_metrics))) = (args.custody_listen, custody_parts) {
         let resolutions = serve_custody(
             addr,
+            args.listen_reuse_port,
             &args.custody,
             client.clone(),
             caches.clone(),
@@ -436,10 +454,26 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// A listening TCP socket, optionally with SO_REUSEPORT (`--listen-reuse-port`).
+fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// Binds the custody listener and serves it in the background; returns the
 /// resolution log, for the final flush.
 async fn serve_custody(
     addr: SocketAddr,
+    reuse_port: bool,
     args: &CustodyArgs,
     client: kube::Client,
     caches: scopehold::caches::Caches,
@@ -471,9 +505,8 @@ async fn serve_custody(
             tonic::transport::Identity::from_pem(material.cert_pem, material.key_pem),
         ))
     };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| CliError::Listen { addr, source })?;
+    let listener =
+        bind_tcp(addr, reuse_port).map_err(|source| CliError::Listen { addr, source })?;
     let bound = listener.local_addr().unwrap_or(addr);
     tracing::info!(custody_addr = %bound, tls = tls.is_some(), "custody serving");
     let resolutions = Arc::new(ResolutionLog::default());
@@ -524,8 +557,22 @@ async fn serve_custody(
 }
 
 async fn run_node(args: NodeArgs) -> Result<(), CliError> {
-    use scopehold::csi::{converge::resolver::CustodyClientConfig, grpc::server};
+    use scopehold::csi::{
+        converge::resolver::CustodyClientConfig,
+        grpc::{identity::DRIVER_NAME, registration::RegistrationSettings, server},
+    };
     telemetry::init(args.log_format);
+    let registration = args
+        .registration_dir
+        .map(|registry_dir| RegistrationSettings {
+            registry_dir,
+            csi_socket_for_kubelet: args.kubelet_csi_endpoint.clone().unwrap_or_else(|| {
+                args.kubelet_dir
+                    .join("plugins")
+                    .join(DRIVER_NAME)
+                    .join("csi.sock")
+            }),
+        });
     let settings = server::NodePluginSettings {
         endpoint: args.endpoint,
         node_name: args.node_name,
@@ -540,6 +587,8 @@ async fn run_node(args: NodeArgs) -> Result<(), CliError> {
         scratch_dir: args.scratch_dir,
         tmpfs_size_bytes: args.tmpfs_size,
         metrics_listen: args.metrics_listen,
+        registration,
+        health_listen: args.health_listen,
     };
     Ok(server::run(settings, server::shutdown_signal()).await?)
 }
