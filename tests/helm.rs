@@ -503,24 +503,22 @@ fn defaults_render_the_expected_objects() {
     let custom = render(&[
         "image.repository=example.com/sh",
         "image.tag=dev",
-        "node.registrar.image.tag=v9",
-        "node.livenessProbe.image.repository=example.com/lp",
+        "image.pullPolicy=Never",
     ]);
     let ds = custom.one("DaemonSet");
-    assert_eq!(
-        container(custom.one("Deployment"), "controller")["image"],
-        "example.com/sh:dev"
-    );
+    let deployed = container(custom.one("Deployment"), "controller");
+    assert_eq!(deployed["image"], "example.com/sh:dev");
+    assert_eq!(deployed["imagePullPolicy"], "Never");
     assert_eq!(container(ds, "node")["image"], "example.com/sh:dev");
+    assert_eq!(container(ds, "node")["imagePullPolicy"], "Never");
+    // One container per node: the plugin registers itself and serves its own
+    // health endpoint (no node-driver-registrar, no livenessprobe sidecar).
     assert_eq!(
-        container(ds, "node-driver-registrar")["image"],
-        "registry.k8s.io/sig-storage/csi-node-driver-registrar:v9"
-    );
-    assert!(
-        container(ds, "livenessprobe")["image"]
-            .as_str()
+        ds["spec"]["template"]["spec"]["containers"]
+            .as_array()
             .unwrap()
-            .starts_with("example.com/lp:")
+            .len(),
+        1
     );
     // The PDB covers exactly the controller pods.
     let pdb = r.one("PodDisruptionBudget");
@@ -588,7 +586,8 @@ fn controller_deployment_is_locked_down() {
         "metadata.name"
     );
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(c["livenessProbe"]["httpGet"]["port"], "metrics");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], 8080);
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], 8080);
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     let ports: BTreeMap<String, i64> = c["ports"]
         .as_array()
@@ -611,7 +610,7 @@ fn controller_deployment_is_locked_down() {
     let pod_labels = &deploy["spec"]["template"]["metadata"]["labels"];
     let custody = r.named("Service", "scopehold-custody");
     assert_eq!(custody["spec"]["ports"][0]["port"], 9443);
-    assert_eq!(custody["spec"]["ports"][0]["targetPort"], "custody");
+    assert_eq!(custody["spec"]["ports"][0]["targetPort"], 9443);
     assert!(selects(&custody["spec"]["selector"], pod_labels));
     let metrics = r.named("Service", "scopehold-metrics");
     assert_eq!(metrics["spec"]["ports"][0]["port"], 8080);
@@ -705,34 +704,26 @@ fn node_daemonset_mounts_what_the_plugin_needs_and_nothing_grants_api_access() {
         "scopehold-custody-ca"
     );
 
-    let registrar = container(ds, "node-driver-registrar");
-    assert!(
-        registrar["image"]
-            .as_str()
-            .unwrap()
-            .starts_with("registry.k8s.io/sig-storage/csi-node-driver-registrar:")
-    );
-    assert!(strings(&registrar["args"]).contains(
-        &"--kubelet-registration-path=/var/lib/kubelet/plugins/csi.scopehold.dev/csi.sock".into()
-    ));
+    // Registration with kubelet and health are the plugin's own.
     assert_eq!(
-        volume(ds, "registration-dir").unwrap()["hostPath"]["path"],
-        "/var/lib/kubelet/plugins_registry/"
+        flag("--registration-dir"),
+        "/var/lib/kubelet/plugins_registry"
     );
-    let probe = container(ds, "livenessprobe");
-    assert!(
-        probe["image"]
-            .as_str()
-            .unwrap()
-            .starts_with("registry.k8s.io/sig-storage/livenessprobe:")
+    assert_eq!(
+        flag("--kubelet-csi-endpoint"),
+        "/var/lib/kubelet/plugins/csi.scopehold.dev/csi.sock"
     );
-    for sidecar in [registrar, probe] {
-        assert!(sidecar["securityContext"].get("privileged").is_none());
-        assert_eq!(
-            strings(&sidecar["securityContext"]["capabilities"]["drop"]),
-            ["ALL"]
-        );
-    }
+    assert_eq!(flag("--health-listen"), "0.0.0.0:9808");
+    assert_eq!(node["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(node["livenessProbe"]["httpGet"]["port"], 9808);
+    assert_eq!(node["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(node["readinessProbe"]["httpGet"]["port"], 9808);
+    assert_eq!(
+        pod["containers"].as_array().unwrap().len(),
+        1,
+        "one container per node"
+    );
+    assert!(volume(ds, "registration-dir").is_none());
 
     // Nothing binds the node plugin's ServiceAccount.
     for kind in ["RoleBinding", "ClusterRoleBinding"] {
@@ -753,10 +744,93 @@ fn node_daemonset_mounts_what_the_plugin_needs_and_nothing_grants_api_access() {
         volume(ds, "plugin-dir").unwrap()["hostPath"]["path"],
         "/data/kubelet/plugins/csi.scopehold.dev/"
     );
+    let moved_args = strings(&container(ds, "node")["args"]);
+    for expected in [
+        "/data/kubelet/plugins_registry",
+        "/data/kubelet/plugins/csi.scopehold.dev/csi.sock",
+    ] {
+        assert!(
+            moved_args.iter().any(|a| a == expected),
+            "{expected} not in {moved_args:?}"
+        );
+    }
+}
+
+/// The values a cluster without kube-proxy or a reachable pod network needs
+/// (docs/real-node.md; the single-node test cluster uses exactly these):
+/// host networking, explicit API server and custody addresses.
+#[test]
+fn host_network_and_explicit_addresses() {
+    let r = render(&[
+        "hostNetwork=true",
+        "apiServer.host=127.0.0.1",
+        "apiServer.port=6443",
+        "custody.address=127.0.0.1",
+        "custody.port=19443",
+        "metrics.port=18080",
+        "node.healthPort=19808",
+    ]);
+    let deploy = r.one("Deployment");
+    let ds = r.one("DaemonSet");
+    for workload in [deploy, ds] {
+        let pod = &workload["spec"]["template"]["spec"];
+        assert_eq!(pod["hostNetwork"], true);
+        assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+        for c in pod["containers"].as_array().unwrap() {
+            // containerPorts of a host-network pod become hostPorts, and two
+            // controller replicas could not share a node.
+            assert!(c.get("ports").is_none(), "{c:?}");
+        }
+    }
+    let c = container(deploy, "controller");
+    let args = strings(&c["args"]);
+    assert!(args.contains(&"--listen-reuse-port".to_string()));
+    assert!(args.contains(&"0.0.0.0:19443".to_string()));
+    let env: BTreeMap<String, String> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_string(),
+                e["value"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    assert_eq!(env["KUBERNETES_SERVICE_HOST"], "127.0.0.1");
+    assert_eq!(env["KUBERNETES_SERVICE_PORT"], "6443");
+    assert_eq!(env["SCOPEHOLD_CUSTODY_TLS_SANS"], "127.0.0.1");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], 18080);
+    let node = container(ds, "node");
+    let node_args = strings(&node["args"]);
+    let i = node_args
+        .iter()
+        .position(|a| a == "--custody-endpoint")
+        .unwrap();
+    assert_eq!(node_args[i + 1], "https://127.0.0.1:19443");
+    assert!(node_args.contains(&"0.0.0.0:19808".to_string()));
+    assert_eq!(node["readinessProbe"]["httpGet"]["port"], 19808);
+    // The Services still select the controller on the same port numbers.
+    let custody = r.named("Service", "scopehold-custody");
+    assert_eq!(custody["spec"]["ports"][0]["targetPort"], 19443);
+
+    // Defaults: none of it.
+    let r = render(&[]);
+    let c = container(r.one("Deployment"), "controller");
+    assert!(!strings(&c["args"]).contains(&"--listen-reuse-port".to_string()));
     assert!(
-        moved.text.contains(
-            "--kubelet-registration-path=/data/kubelet/plugins/csi.scopehold.dev/csi.sock"
-        )
+        !serde_yaml::to_string(&c["env"])
+            .unwrap()
+            .contains("KUBERNETES_SERVICE_HOST")
+    );
+
+    // Half an API server address is refused.
+    let half = try_render(RELEASE, "ns", KUBE_VERSION, &["apiServer.host=127.0.0.1"])
+        .err()
+        .expect("half an API server address refused");
+    assert!(
+        half.contains("apiServer.host and apiServer.port go together"),
+        "{half}"
     );
 }
 

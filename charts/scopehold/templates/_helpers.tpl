@@ -114,7 +114,13 @@ plaintext needs both tls.enabled=false and plaintext=true.
 
 {{- define "scopehold.custodyEndpoint" -}}
 {{- $scheme := ternary "http" "https" (eq (include "scopehold.custodyPlaintext" .) "true") }}
+{{- if .Values.custody.address }}
+{{- $host := .Values.custody.address | toString }}
+{{- if contains ":" $host }}{{- $host = printf "[%s]" $host }}{{- end }}
+{{- printf "%s://%s:%v" $scheme $host .Values.custody.port }}
+{{- else }}
 {{- printf "%s://%s.%s.svc:%v" $scheme (include "scopehold.custodyServiceName" .) .Release.Namespace .Values.custody.port }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -134,4 +140,28 @@ The leader-election Lease (in the release namespace).
 */}}
 {{- define "scopehold.leaseName" -}}
 {{- printf "%s-controller" (include "scopehold.fullname" .) }}
+{{- end }}
+
+{{/*
+Host networking: the pod spec lines, and a check that the API server override is whole.
+*/}}
+{{- define "scopehold.hostNetwork" -}}
+{{- if .Values.hostNetwork }}
+hostNetwork: true
+dnsPolicy: ClusterFirstWithHostNet
+{{- end }}
+{{- end }}
+
+{{- define "scopehold.apiServerEnv" -}}
+{{- if or .Values.apiServer.host .Values.apiServer.port }}
+{{- if not (and .Values.apiServer.host .Values.apiServer.port) }}
+{{- fail "apiServer.host and apiServer.port go together: set both or neither" }}
+{{- end }}
+# The API server address for kube-proxy-free clusters (apiServer.*): what
+# in-cluster configuration reads instead of the kubernetes Service.
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ .Values.apiServer.host | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ .Values.apiServer.port | quote }}
+{{- end }}
 {{- end }}
