@@ -101,12 +101,30 @@ SCOPEHOLD_APISERVER_BIN=$(tests/apiserver/build.sh)
 export SCOPEHOLD_APISERVER_BIN
 log "using $SCOPEHOLD_APISERVER_BIN"
 
+# --- the real node's parts (tests/e2e_node.rs; docs/real-node.md) ----------------
+# kubelet, kube-controller-manager, kube-scheduler from the same Go module (cached;
+# ~5 min cold, less with the apiserver's Go build cache warm), and the images
+# (pause, busybox agent, the static musl ScopeHold image; cached by content hash).
+# hack/cluster.sh installs containerd, runc and the CNI plugins when missing.
+log "kubelet, kube-controller-manager, kube-scheduler"
+SCOPEHOLD_NODE_BIN_DIR=$(tests/apiserver/build.sh node)
+export SCOPEHOLD_NODE_BIN_DIR
+log "using $SCOPEHOLD_NODE_BIN_DIR"
+log "container images (hack/image.sh)"
+mkdir -p target
+SCOPEHOLD_IMAGES=$PWD/target/scopehold-images.txt
+hack/image.sh >"$SCOPEHOLD_IMAGES"
+export SCOPEHOLD_IMAGES
+
 log "${TEST_CMD[*]}"
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 set +e
 "${TEST_CMD[@]}" 2>&1 | tee "$results"
 status=${PIPESTATUS[0]}
+# A test binary's node tears down after the binary exits: wait for it (it holds
+# the node lock until everything is undone).
+flock -w 300 /run/scopehold-node.lock true
 set -e
 # One closing line over every test binary (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }

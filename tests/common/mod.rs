@@ -14,6 +14,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
+pub mod cluster;
 pub mod objects;
 pub mod scrape;
 pub mod stack;
