@@ -395,7 +395,7 @@ up() {
   local started=$SECONDS
   mkdir -p "$D/pids" "$D/logs"
   record_before
-  trap 'teardown' EXIT
+  trap 'stop_waiter; teardown' EXIT
   trap 'exit 143' TERM
   trap 'exit 130' INT
 
@@ -472,21 +472,28 @@ node:
   kubeletDir: $D/kubelet
   stateDir: $D/scopehold-state
   healthPort: 19808
+  metricsPort: 19810
 EOF
   log "node Ready after $((SECONDS - started))s"
   echo "ready $kubeconfig"
 
+  # The waiter must not hold the node lock (fd 8) and dies with us.
   if [[ $watch_stdin == yes ]]; then
     # A background job's stdin is /dev/null unless redirected explicitly.
     exec 3<&0
-    cat <&3 >/dev/null &
+    cat <&3 >/dev/null 8>&- &
   else
-    sleep infinity </dev/null &
+    sleep infinity </dev/null 8>&- &
   fi
-  local waiter=$!
+  WAITER=$!
   echo $$ >"$D/supervisor.pid"
-  wait "$waiter" || true
-  kill "$waiter" 2>/dev/null || true
+  wait "$WAITER" || true
+}
+
+WAITER=
+stop_waiter() {
+  [[ -n $WAITER ]] && kill "$WAITER" 2>/dev/null
+  return 0
 }
 
 case $cmd in
