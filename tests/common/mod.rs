@@ -16,6 +16,7 @@
 
 pub mod cluster;
 pub mod objects;
+pub mod proxy;
 pub mod scrape;
 pub mod stack;
 
@@ -364,6 +365,13 @@ pub async fn install_crds_from(client: &Client, dir: &Path) {
             if value.is_null() {
                 continue; // empty document, e.g. a trailing `---`
             }
+            if value.get("kind").and_then(serde_yaml::Value::as_str)
+                != Some("CustomResourceDefinition")
+            {
+                // crds/ also holds the admission policy and its binding.
+                apply_manifest(client, value, file).await;
+                continue;
+            }
             let crd: CustomResourceDefinition = serde_yaml::from_value(value)
                 .unwrap_or_else(|e| panic!("{}: not a CRD: {e}", file.display()));
             let name = crd.metadata.name.clone().expect("CRD has a name");
@@ -380,6 +388,27 @@ pub async fn install_crds_from(client: &Client, dir: &Path) {
             .unwrap_or_else(|_| panic!("CRD {name} not Established after 30s"))
             .unwrap_or_else(|e| panic!("watching CRD {name}: {e}"));
     }
+}
+
+/// Server-side-applies one cluster-scoped manifest of any kind (e.g. the admission
+/// policy in `crds/`), the resource found by discovery.
+pub async fn apply_manifest(client: &Client, value: serde_yaml::Value, file: &Path) {
+    let object: kube::api::DynamicObject = serde_yaml::from_value(value)
+        .unwrap_or_else(|e| panic!("{}: not a Kubernetes object: {e}", file.display()));
+    let types = object
+        .types
+        .clone()
+        .unwrap_or_else(|| panic!("{}: object without apiVersion/kind", file.display()));
+    let gvk = kube::api::GroupVersionKind::try_from(&types)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let (resource, _) = kube::discovery::pinned_kind(client, &gvk)
+        .await
+        .unwrap_or_else(|e| panic!("{}: discovering {gvk:?}: {e}", file.display()));
+    let name = object.metadata.name.clone().expect("manifest has a name");
+    Api::<kube::api::DynamicObject>::all_with(client.clone(), &resource)
+        .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object))
+        .await
+        .unwrap_or_else(|e| panic!("applying {} {name} from {}: {e}", types.kind, file.display()));
 }
 
 /// Runs `/usr/bin/kubectl --kubeconfig <admin kubeconfig> ARGS…` (blocking; kubectl
@@ -514,6 +543,12 @@ impl ControllerProcess {
     /// Starts `scopehold controller --watch-namespace NS --log-format json EXTRA…`
     /// with `KUBECONFIG` pointing at the admin kubeconfig.
     pub fn start(ns: &str, extra_args: &[&str]) -> Self {
+        Self::start_with_kubeconfig(ns, extra_args, &server().kubeconfig)
+    }
+
+    /// [`ControllerProcess::start`] with another kubeconfig (e.g. one that
+    /// reaches the API server through a [`proxy::TcpProxy`]).
+    pub fn start_with_kubeconfig(ns: &str, extra_args: &[&str], kubeconfig: &Path) -> Self {
         let server = server();
         let seq = CONTROLLER_SEQ.fetch_add(1, Ordering::Relaxed);
         let log_path = server.run_dir.join(format!("controller-{ns}-{seq}.log"));
@@ -536,7 +571,7 @@ impl ControllerProcess {
         }
         let child = cmd
             .args(extra_args)
-            .env("KUBECONFIG", &server.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
