@@ -216,6 +216,14 @@ impl SecretCache {
         }
     }
 
+    /// (namespace, name) of every cached Secret.
+    pub fn names(&self) -> Vec<(String, String)> {
+        self.entries
+            .read()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn len(&self) -> usize {
         self.entries.read().map(|m| m.len()).unwrap_or(0)
     }

@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::proxy::TcpProxy;
 use common::stack::{
     NodePluginProcess, node_plugin_dir, node_plugin_token, start_controller_with_custody,
-    unmount_below,
+    start_controller_with_custody_via, unmount_below,
 };
 use common::{
     AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
-    install_crds, pod_token, test_namespace, wait_for_desc,
+    install_crds, pod_token, server, test_namespace, wait_for_desc,
 };
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -54,6 +55,8 @@ struct Stack {
     kubelet: KubeletPlayer,
     socket: PathBuf,
     dir: tempfile::TempDir,
+    /// Between the controller and the API server, when the test asked for one.
+    proxy: Option<TcpProxy>,
 }
 
 impl Drop for Stack {
@@ -72,13 +75,30 @@ struct AgentPod {
 
 impl Stack {
     async fn new(prefix: &str) -> Self {
+        Self::build(prefix, false).await
+    }
+
+    /// A stack whose controller reaches the API server through a [`TcpProxy`].
+    async fn behind_proxy(prefix: &str) -> Self {
+        Self::build(prefix, true).await
+    }
+
+    async fn build(prefix: &str, proxied: bool) -> Self {
         let client = client().await;
         install_crds(&client).await;
         let ns = test_namespace(&client, prefix).await;
         let node = format!("{ns}-node");
         create_node(&client, &node).await;
         let plugin_token = node_plugin_token(&client, &ns, &node).await;
-        let (controller, custody) = start_controller(&ns).await;
+        let (proxy, (controller, custody)) = if proxied {
+            let upstream = server().url.trim_start_matches("https://").parse().unwrap();
+            let proxy = TcpProxy::start(upstream).await;
+            let kubeconfig = proxy.kubeconfig(&server().kubeconfig, &server().run_dir);
+            let started = start_controller_with_custody_via(&ns, &[], &kubeconfig).await;
+            (Some(proxy), started)
+        } else {
+            (None, start_controller(&ns).await)
+        };
         let dir = node_plugin_dir(&plugin_token);
         let socket = NodePluginProcess::socket(dir.path());
         let kubelet = KubeletPlayer::new(&socket, dir.path().join("kubelet"));
@@ -93,6 +113,7 @@ impl Stack {
             kubelet,
             socket,
             dir,
+            proxy,
         };
         stack.start_plugin().await;
         stack
@@ -1128,4 +1149,221 @@ async fn the_controller_and_the_node_plugin_metrics_follow_what_happens() {
         ),
         1.0
     );
+}
+
+/// Writes objects of `K` (made by `make` from a sequence number) in `ns` until a
+/// watch from resourceVersion `rv` is answered `410 Gone`: the API server's watch
+/// cache then no longer holds the events after `rv`, and a controller whose watch
+/// stopped there must relist. The cache keeps events for at least 75 s (its
+/// freshness window) and grows while they are younger, so the caller waits that
+/// out first.
+async fn push_watch_cache_past<K>(client: &Client, ns: &str, rv: &str, make: impl Fn(usize) -> K)
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    use futures::{StreamExt, TryStreamExt};
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let kind = K::kind(&()).into_owned();
+    for round in 0..40 {
+        let gone = match api
+            .watch(&kube::api::WatchParams::default().timeout(1), rv)
+            .await
+        {
+            Ok(stream) => {
+                let first = stream.boxed().try_next().await;
+                matches!(first, Ok(Some(kube::api::WatchEvent::Error(ref e))) if e.code == 410)
+            }
+            Err(kube::Error::Api(status)) => status.code == 410,
+            Err(_) => false,
+        };
+        if gone {
+            eprintln!("{kind} watch cache past {rv} after {round} rounds");
+            return;
+        }
+        futures::stream::iter(0..100)
+            .map(|i| {
+                let (api, object) = (api.clone(), make(round * 100 + i));
+                async move { api.create(&PostParams::default(), &object).await.unwrap() }
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<_>>()
+            .await;
+    }
+    panic!("{kind}: a watch from {rv} is still served after 4000 writes");
+}
+
+/// The current resourceVersion of `K`'s list.
+async fn list_rv<K>(client: &Client, ns: &str) -> String
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap()
+}
+
+/// A controller cut off from the API server long enough that its watches get
+/// `410 Gone` must treat the relist as a full resync: a Secret deleted, a grant
+/// revoked, a grant deleted and an agent suspended in the gap are withdrawn from
+/// running pods within a second or two of the relist, and never served again.
+#[tokio::test]
+async fn changes_made_while_the_controller_was_cut_off_land_at_the_relist() {
+    let s = Stack::behind_proxy("relist").await;
+    let (sdel_pod, sdel) = s.agent_with_two_grants("sdel", |_| {}).await;
+    let (rev_pod, rev) = s.agent_with_two_grants("rev", |_| {}).await;
+    let (gdel_pod, gdel) = s.agent_with_two_grants("gdel", |_| {}).await;
+    let (sus_pod, sus) = s.agent_with_two_grants("sus", |_| {}).await;
+    s.await_stream().await;
+    let controller = s.controller.as_ref().unwrap();
+    let proxy = s.proxy.as_ref().unwrap();
+
+    // The controller's watches know at most these versions.
+    let rvs = (
+        list_rv::<Secret>(&s.client, &s.ns).await,
+        list_rv::<SecretGrant>(&s.client, &s.ns).await,
+        list_rv::<AgentIdentity>(&s.client, &s.ns).await,
+    );
+    proxy.cut();
+    let cut = Instant::now();
+    Api::<Secret>::namespaced(s.client.clone(), &s.ns)
+        .delete("sdel-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    s.patch_grant("rev-a", json!({"revoked": true})).await;
+    s.grants()
+        .delete("gdel-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    s.patch_identity("sus", json!({"suspended": true})).await;
+    // Nothing reaches the pods while the controller cannot see the changes
+    // (this is what the relist must repair).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(listing(&sdel), ["a", "b"]);
+    assert_eq!(listing(&sus), ["a", "b"]);
+
+    // Push every watch cache past what the controller knows.
+    let churn = test_namespace(&s.client, "relist-churn").await;
+    let fresh = Duration::from_secs(80);
+    tokio::time::sleep(fresh.saturating_sub(cut.elapsed())).await;
+    push_watch_cache_past(&s.client, &churn, &rvs.0, |i| Secret {
+        metadata: ObjectMeta {
+            name: Some(format!("churn-{i}")),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    push_watch_cache_past(&s.client, &churn, &rvs.1, |i| {
+        SecretGrant::new(
+            &format!("churn-{i}"),
+            SecretGrantSpec {
+                agent: "nobody".into(),
+                secret_name: "nothing".into(),
+                keys: vec![GrantedKey {
+                    key: "k".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )
+    })
+    .await;
+    push_watch_cache_past(&s.client, &churn, &rvs.2, |i| {
+        AgentIdentity::new(
+            &format!("churn-{i}"),
+            AgentIdentitySpec {
+                service_account_name: "nobody".into(),
+                ..Default::default()
+            },
+        )
+    })
+    .await;
+
+    proxy.restore();
+    // Record when each watch relisted (the controller says so at the 410) and
+    // when each file left its pod.
+    let files = [
+        ("secrets", sdel.join("a")),
+        ("secretgrants", rev.join("a")),
+        ("secretgrants", gdel.join("a")),
+        ("agentidentities", sus.join("a")),
+        ("agentidentities", sus.join("b")),
+    ];
+    let mut relisted: HashMap<&str, Instant> = HashMap::new();
+    let mut withdrawn: HashMap<PathBuf, Instant> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while relisted.len() < 3 || withdrawn.len() < files.len() {
+        assert!(
+            Instant::now() < deadline,
+            "after reconnecting: relisted {:?}, withdrawn {:?} of {files:?}",
+            relisted.keys().collect::<Vec<_>>(),
+            withdrawn.keys().collect::<Vec<_>>()
+        );
+        let logs = controller.logs();
+        for line in logs.lines().filter(|l| l.contains("relisting now")) {
+            for resource in ["secrets", "secretgrants", "agentidentities"] {
+                if line.contains(&format!("\"resource\":\"{resource}\"")) {
+                    relisted.entry(resource).or_insert_with(Instant::now);
+                }
+            }
+        }
+        for (_, file) in &files {
+            if file.symlink_metadata().is_err() {
+                withdrawn.entry(file.clone()).or_insert_with(Instant::now);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for (resource, file) in &files {
+        let late = withdrawn[file].saturating_duration_since(relisted[resource]);
+        eprintln!(
+            "{} withdrawn {late:?} after the {resource} relist",
+            file.display()
+        );
+        assert!(
+            late < DEADLINE,
+            "{} withdrawn {late:?} after the relist",
+            file.display()
+        );
+    }
+    assert_b_kept(&s, "sdel", &sdel);
+    assert_b_kept(&s, "rev", &rev);
+    assert_b_kept(&s, "gdel", &gdel);
+
+    // Never served again: kubelet's republish of each pod, and a new pod.
+    for (pod, target, left) in [
+        (&sdel_pod, &sdel, vec!["b"]),
+        (&rev_pod, &rev, vec!["b"]),
+        (&gdel_pod, &gdel, vec!["b"]),
+        (&sus_pod, &sus, vec![]),
+    ] {
+        s.publish(pod).await.expect("republish");
+        assert_eq!(listing(target), left, "{}", pod.info.name);
+    }
+    let fresh_pod = s.pod("sdel-pod-2", "sdel-sa").await;
+    let target = s.publish(&fresh_pod).await.expect("new pod published");
+    assert_eq!(
+        listing(&target),
+        ["b"],
+        "a new pod must not get the deleted Secret"
+    );
+    s.await_phase("rev-a", GrantPhase::Revoked).await;
+    let grants = s.grants();
+    wait_for_desc("sdel-a no longer Active", WAIT, async || {
+        (grants.get("sdel-a").await.ok()?.phase() != Some(GrantPhase::Active)).then_some(())
+    })
+    .await;
 }

@@ -349,6 +349,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         events.register(&mut registry);
         (events, CustodyMetrics::register(&mut registry))
     });
+    let health = Arc::new(controller::WatchHealth::register(&mut registry));
     let ready = Arc::new(AtomicBool::new(false));
     let listener = bind_tcp(args.metrics_listen, args.listen_reuse_port).map_err(|source| {
         CliError::Listen {
@@ -358,7 +359,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
     })?;
     let bound = listener.local_addr().unwrap_or(args.metrics_listen);
     tracing::info!(metrics_addr = %bound, namespace = args.watch_namespace.as_deref(), "controller starting");
-    let router = controller::http::router(Arc::new(registry), ready.clone());
+    let router = controller::http::router(Arc::new(registry), ready.clone(), health.clone());
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, router).await {
             tracing::error!(%error, "metrics server stopped");
@@ -427,6 +428,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         writers,
         ready,
         leadership.is_leader.clone(),
+        health,
     )
     .await;
     // Nothing recorded is lost on shutdown: pending Event series and

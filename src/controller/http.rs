@@ -10,18 +10,27 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
 
+use super::WatchHealth;
+
 #[derive(Clone)]
 struct HttpState {
     registry: Arc<Registry>,
     ready: Arc<AtomicBool>,
+    health: Arc<WatchHealth>,
 }
 
-pub fn router(registry: Arc<Registry>, ready: Arc<AtomicBool>) -> Router {
+/// `/readyz` answers 503 until the caches hold a full list, and again while
+/// any watch is failing (custody would answer from stale state).
+pub fn router(registry: Arc<Registry>, ready: Arc<AtomicBool>, health: Arc<WatchHealth>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(HttpState { registry, ready })
+        .with_state(HttpState {
+            registry,
+            ready,
+            health,
+        })
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
@@ -44,9 +53,11 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    if state.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+    if !state.ready.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "caches not synced".to_owned());
+    }
+    match state.health.check() {
+        Ok(()) => (StatusCode::OK, "ready".to_owned()),
+        Err(down) => (StatusCode::SERVICE_UNAVAILABLE, down),
     }
 }

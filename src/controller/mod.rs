@@ -14,6 +14,7 @@ mod identity;
 pub mod leader;
 pub mod metrics;
 mod streams;
+pub mod watch_health;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,7 @@ use crate::caches::{CacheWriters, Caches};
 use crate::secrets::SecretCacheError;
 
 pub use metrics::Metrics;
+pub use watch_health::WatchHealth;
 
 /// Server-side-apply field manager of everything the controller writes.
 pub const FIELD_MANAGER: &str = "scopehold-controller";
@@ -138,6 +140,7 @@ where
 
 /// Runs both controllers and the Secret watch until a shutdown signal.
 /// `ready` is set once both stores hold their first full list.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: Client,
     settings: Settings,
@@ -146,6 +149,7 @@ pub async fn run(
     writers: CacheWriters,
     ready: Arc<std::sync::atomic::AtomicBool>,
     is_leader: tokio::sync::watch::Receiver<bool>,
+    health: Arc<WatchHealth>,
 ) {
     let (grant_tx, grant_rx) = futures::channel::mpsc::unbounded();
     let (identity_tx, identity_rx) = futures::channel::mpsc::unbounded();
@@ -160,6 +164,7 @@ pub async fn run(
         caches.clone(),
         identity_tx.clone(),
         writers.sync.clone(),
+        health.clone(),
     );
     let identity_stream = streams::identities(
         &client,
@@ -170,6 +175,7 @@ pub async fn run(
         identity_tx,
         grant_tx.clone(),
         writers.sync,
+        health.clone(),
     );
     let secret_watch = streams::secrets(
         client.clone(),
@@ -177,6 +183,7 @@ pub async fn run(
         wc,
         caches.clone(),
         grant_tx,
+        health,
     );
 
     let reporter = Reporter {

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
+use std::sync::Arc;
 
 use futures::channel::mpsc::UnboundedSender;
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -14,6 +15,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use super::changes::{GrantSnapshot, IdentitySnapshot, grant_change, identity_change};
+use super::watch_health::{WatchHealth, watch_with_health};
 use crate::api::{AgentIdentity, SecretGrant};
 use crate::caches::{Caches, Change, ChangeKind, SyncTracker};
 use crate::secrets::CachedSecret;
@@ -25,6 +27,7 @@ fn typed_watch<K>(
     client: &Client,
     namespace: Option<&str>,
     wc: watcher::Config,
+    health: Arc<WatchHealth>,
 ) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static
 where
     K: Resource<DynamicType = ()> + DeserializeOwned + Placeholder + Clone + Debug + Send + 'static,
@@ -34,7 +37,13 @@ where
         Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
         None => Api::all_with(client.clone(), &ar),
     };
-    watcher(api, wc).default_backoff().filter_map(|item| {
+    let resource = K::plural(&()).into_owned();
+    let resource: &'static str = if resource == "secretgrants" {
+        "secretgrants"
+    } else {
+        "agentidentities"
+    };
+    watch_with_health(resource, health, watcher(api, wc)).filter_map(|item| {
         futures::future::ready(match item {
             Ok(event) => typed_event::<K>(event).map(Ok),
             Err(error) => Some(Err(error)),
@@ -99,8 +108,65 @@ where
     }
 }
 
+/// A (re)list in progress: the (namespace, name) keys listed so far and the
+/// changes to announce at its end.
+type Relist<P> = (HashSet<(String, String)>, Vec<P>);
+
+/// What the grant stream last saw of a grant: enough to announce its
+/// disappearance when a relist no longer lists it.
+#[derive(Clone)]
+struct KnownGrant {
+    snapshot: GrantSnapshot,
+    agent: String,
+    secret: String,
+}
+
+/// A change seen while (re)listing: held until `InitDone`, because the
+/// reflector store swaps the new list in only then, and custody (which the
+/// node plugins ask again on every change) must not answer from the old one.
+struct PendingGrant {
+    namespace: String,
+    name: String,
+    known: KnownGrant,
+    digest: Option<String>,
+    kind: Option<ChangeKind>,
+}
+
+/// Tells the node plugins (through `caches.changes`) and the identity
+/// controller about one grant change the store already holds.
+fn announce_grant(
+    caches: &Caches,
+    identity_tx: &UnboundedSender<ObjectRef<AgentIdentity>>,
+    pending: PendingGrant,
+    deleted: bool,
+) {
+    let PendingGrant {
+        namespace: ns,
+        name,
+        known,
+        digest,
+        kind,
+    } = pending;
+    if let Some(kind) = kind {
+        let mut change = Change::new(kind, &ns);
+        change.agent = Some(known.agent.clone());
+        change.grant = Some(name);
+        change.secret = Some(known.secret.clone());
+        change.content_digest = digest;
+        caches.publish(change);
+    }
+    let _ = identity_tx.unbounded_send(ObjectRef::new(&known.agent).within(&ns));
+    if deleted && !caches.secret_is_referenced(&ns, &known.secret) {
+        caches.secrets.remove(&ns, &known.secret);
+    }
+}
+
 /// SecretGrants: fill the grant store; tell the identity controller about
 /// every grant change (its access list); prune unreferenced Secrets.
+///
+/// A relist (after a 410, or whenever the watcher starts over) is a full
+/// resync: what changed while the watch was down is announced as if seen
+/// live, and grants it no longer lists are announced as deleted.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn grants(
     client: &Client,
@@ -110,57 +176,182 @@ pub(super) fn grants(
     caches: Caches,
     identity_tx: UnboundedSender<ObjectRef<AgentIdentity>>,
     sync: SyncTracker,
+    health: Arc<WatchHealth>,
 ) -> impl Stream<Item = Result<SecretGrant, watcher::Error>> + Send + 'static {
-    let mut seen: HashMap<(String, String), GrantSnapshot> = HashMap::new();
-    typed_watch::<SecretGrant>(client, namespace, wc)
+    let mut seen: HashMap<(String, String), KnownGrant> = HashMap::new();
+    // During a (re)list: the keys listed so far and the changes to announce.
+    let mut relist: Option<Relist<PendingGrant>> = None;
+    let mut listed_once = false;
+    typed_watch::<SecretGrant>(client, namespace, wc, health)
         .reflect(writer)
         .inspect_ok(move |event| {
             index_grant_event(&caches, event);
-            let (grant, deleted, live) = match event {
-                Event::Apply(g) => (g, false, true),
-                Event::Delete(g) => (g, true, true),
-                Event::InitApply(g) => (g, false, false),
-                Event::InitDone => return sync.grants_listed(),
-                _ => return,
+            let (grant, deleted) = match event {
+                Event::Apply(g) => (g, false),
+                Event::Delete(g) => (g, true),
+                Event::InitApply(g) => {
+                    let Some(ns) = g.namespace() else { return };
+                    let key = (ns.clone(), g.name_any());
+                    let known = KnownGrant {
+                        snapshot: GrantSnapshot::of(g),
+                        agent: g.spec.agent.clone(),
+                        secret: g.spec.secret_name.clone(),
+                    };
+                    let previous = seen.insert(key.clone(), known.clone());
+                    let kind = grant_change(previous.as_ref().map(|p| &p.snapshot), &known.snapshot);
+                    let (listed, pending) = relist.get_or_insert_with(Default::default);
+                    listed.insert(key.clone());
+                    // The first list announces nothing: nobody holds anything yet.
+                    if listed_once && previous.map(|p| p.snapshot) != Some(known.snapshot.clone()) {
+                        pending.push(PendingGrant {
+                            namespace: key.0,
+                            name: key.1,
+                            known,
+                            digest: g.status.as_ref().and_then(|s| s.content_digest.clone()),
+                            kind,
+                        });
+                    }
+                    return;
+                }
+                Event::Init => {
+                    relist = Some(Default::default());
+                    return;
+                }
+                Event::InitDone => {
+                    let (listed, pending) = relist.take().unwrap_or_default();
+                    if listed_once {
+                        let vanished: Vec<(String, String)> =
+                            seen.keys().filter(|k| !listed.contains(*k)).cloned().collect();
+                        for key in vanished {
+                            let Some(known) = seen.remove(&key) else { continue };
+                            tracing::info!(namespace = %key.0, grant = %key.1, "grant deleted while the watch was down");
+                            let (namespace, name) = key;
+                            let gone = PendingGrant {
+                                namespace,
+                                name,
+                                known,
+                                digest: None,
+                                kind: Some(ChangeKind::Deleted),
+                            };
+                            announce_grant(&caches, &identity_tx, gone, true);
+                        }
+                        for change in pending {
+                            announce_grant(&caches, &identity_tx, change, false);
+                        }
+                    }
+                    listed_once = true;
+                    return sync.grants_listed();
+                }
             };
             let Some(ns) = grant.namespace() else { return };
             let key = (ns.clone(), grant.name_any());
-            let snapshot = GrantSnapshot::of(grant);
+            let known = KnownGrant {
+                snapshot: GrantSnapshot::of(grant),
+                agent: grant.spec.agent.clone(),
+                secret: grant.spec.secret_name.clone(),
+            };
             let (kind, changed) = if deleted {
                 seen.remove(&key);
                 (Some(ChangeKind::Deleted), true)
             } else {
-                let kind = grant_change(seen.get(&key), &snapshot);
-                let changed = seen.get(&key) != Some(&snapshot);
-                seen.insert(key, snapshot);
-                (kind, changed)
+                let previous = seen.insert(key, known.clone());
+                let previous = previous.map(|p| p.snapshot);
+                (
+                    grant_change(previous.as_ref(), &known.snapshot),
+                    previous.as_ref() != Some(&known.snapshot),
+                )
             };
-            if !live {
-                return;
-            }
-            if let Some(kind) = kind {
-                let mut change = Change::new(kind, &ns);
-                change.agent = Some(grant.spec.agent.clone());
-                change.grant = Some(grant.name_any());
-                change.secret = Some(grant.spec.secret_name.clone());
-                change.content_digest =
-                    grant.status.as_ref().and_then(|s| s.content_digest.clone());
-                caches.publish(change);
-            }
             // Status-only updates (resolution counts) leave the agent's access
             // list as it is: only a changed phase, spec or digest wakes it.
-            if changed {
-                let _ = identity_tx.unbounded_send(ObjectRef::new(&grant.spec.agent).within(&ns));
+            if !changed {
+                return;
             }
-            if deleted && !caches.secret_is_referenced(&ns, &grant.spec.secret_name) {
-                caches.secrets.remove(&ns, &grant.spec.secret_name);
-            }
+            let change = PendingGrant {
+                namespace: ns,
+                name: grant.name_any(),
+                known,
+                digest: grant.status.as_ref().and_then(|s| s.content_digest.clone()),
+                kind,
+            };
+            announce_grant(&caches, &identity_tx, change, deleted);
         })
         .touched_objects()
 }
 
+/// An identity change to announce (live, or at the end of a relist).
+struct PendingIdentity {
+    namespace: String,
+    name: String,
+    snapshot: IdentitySnapshot,
+    previous: Option<IdentitySnapshot>,
+    kind: Option<ChangeKind>,
+    deleted: bool,
+}
+
+/// Tells the node plugins about an identity change the store already holds,
+/// and re-evaluates the identities that share (or shared) its ServiceAccount
+/// and the grants of all of them.
+fn announce_identity(
+    caches: &Caches,
+    identity_tx: &UnboundedSender<ObjectRef<AgentIdentity>>,
+    grant_tx: &UnboundedSender<ObjectRef<SecretGrant>>,
+    change: PendingIdentity,
+) {
+    let PendingIdentity {
+        namespace: ns,
+        name,
+        snapshot,
+        previous,
+        kind,
+        deleted,
+    } = change;
+    let changed = deleted || previous.as_ref() != Some(&snapshot);
+    let mut service_accounts = vec![snapshot.service_account.clone()];
+    service_accounts.extend(
+        previous
+            .map(|p| p.service_account)
+            .filter(|p| *p != service_accounts[0]),
+    );
+    let mut agents: HashSet<String> = HashSet::from([name.clone()]);
+    for sa in &service_accounts {
+        for peer in caches.identities_claiming(&ns, sa) {
+            let peer = peer.name_any();
+            if peer != name {
+                let _ = identity_tx.unbounded_send(ObjectRef::new(&peer).within(&ns));
+            }
+            agents.insert(peer);
+        }
+    }
+    if let Some(kind) = kind {
+        // Peers are affected too: a new claimant puts them in conflict
+        // (fail closed at once, before any status is written).
+        for agent in &agents {
+            let peer_kind = if *agent == name {
+                kind
+            } else if agents.len() > 1 && !deleted {
+                ChangeKind::Conflict
+            } else {
+                ChangeKind::Changed
+            };
+            let mut change = Change::new(peer_kind, &ns);
+            change.agent = Some(agent.clone());
+            caches.publish(change);
+        }
+    }
+    // Identity status writes (access lists) change nothing for grants.
+    if !changed {
+        return;
+    }
+    for agent in &agents {
+        for grant in caches.grants_of_agent(&ns, agent) {
+            let _ = grant_tx.unbounded_send(ObjectRef::from_obj(grant.as_ref()));
+        }
+    }
+}
+
 /// AgentIdentities: fill the identity store; re-evaluate identities that claim
-/// the same ServiceAccount (conflicts) and the grants of all of them.
+/// the same ServiceAccount (conflicts) and the grants of all of them. A relist
+/// is a full resync, as for grants.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn identities(
     client: &Client,
@@ -171,28 +362,76 @@ pub(super) fn identities(
     identity_tx: UnboundedSender<ObjectRef<AgentIdentity>>,
     grant_tx: UnboundedSender<ObjectRef<SecretGrant>>,
     sync: SyncTracker,
+    health: Arc<WatchHealth>,
 ) -> impl Stream<Item = Result<AgentIdentity, watcher::Error>> + Send + 'static {
     // What each identity looked like last (its ServiceAccount among it), so
     // that moving an identity to another ServiceAccount also re-evaluates its
     // former peers, and only real changes reach the node plugins.
     let mut seen: HashMap<(String, String), IdentitySnapshot> = HashMap::new();
-    typed_watch::<AgentIdentity>(client, namespace, wc)
+    let mut relist: Option<Relist<PendingIdentity>> = None;
+    let mut listed_once = false;
+    typed_watch::<AgentIdentity>(client, namespace, wc, health)
         .reflect(writer)
         .inspect_ok(move |event| {
             index_identity_event(&caches, event);
-            let (identity, deleted, live) = match event {
-                Event::Apply(i) => (i, false, true),
-                Event::Delete(i) => (i, true, true),
-                // During a (re)list every object is reconciled anyway.
-                Event::InitApply(i) => (i, false, false),
-                Event::InitDone => return sync.identities_listed(),
-                _ => return,
+            let (identity, deleted) = match event {
+                Event::Apply(i) => (i, false),
+                Event::Delete(i) => (i, true),
+                Event::InitApply(i) => {
+                    let Some(ns) = i.namespace() else { return };
+                    let key = (ns, i.name_any());
+                    let snapshot = IdentitySnapshot::of(i);
+                    let previous = seen.insert(key.clone(), snapshot.clone());
+                    let (listed, pending) = relist.get_or_insert_with(Default::default);
+                    listed.insert(key.clone());
+                    if listed_once && previous.as_ref() != Some(&snapshot) {
+                        let kind = identity_change(previous.as_ref(), &snapshot);
+                        pending.push(PendingIdentity {
+                            namespace: key.0,
+                            name: key.1,
+                            snapshot,
+                            previous,
+                            kind,
+                            deleted: false,
+                        });
+                    }
+                    return;
+                }
+                Event::Init => {
+                    relist = Some(Default::default());
+                    return;
+                }
+                Event::InitDone => {
+                    let (listed, pending) = relist.take().unwrap_or_default();
+                    if listed_once {
+                        let vanished: Vec<(String, String)> =
+                            seen.keys().filter(|k| !listed.contains(*k)).cloned().collect();
+                        for key in vanished {
+                            let Some(snapshot) = seen.remove(&key) else { continue };
+                            tracing::info!(namespace = %key.0, agent = %key.1, "identity deleted while the watch was down");
+                            let (namespace, name) = key;
+                            let gone = PendingIdentity {
+                                namespace,
+                                name,
+                                snapshot: snapshot.clone(),
+                                previous: Some(snapshot),
+                                kind: Some(ChangeKind::Deleted),
+                                deleted: true,
+                            };
+                            announce_identity(&caches, &identity_tx, &grant_tx, gone);
+                        }
+                        for change in pending {
+                            announce_identity(&caches, &identity_tx, &grant_tx, change);
+                        }
+                    }
+                    listed_once = true;
+                    return sync.identities_listed();
+                }
             };
             let Some(ns) = identity.namespace() else {
                 return;
             };
             let name = identity.name_any();
-            let sa = identity.spec.service_account_name.clone();
             let key = (ns.clone(), name.clone());
             let snapshot = IdentitySnapshot::of(identity);
             let (previous, kind) = if deleted {
@@ -201,84 +440,86 @@ pub(super) fn identities(
                 let kind = identity_change(seen.get(&key), &snapshot);
                 (seen.insert(key, snapshot.clone()), kind)
             };
-            let changed = deleted || previous.as_ref() != Some(&snapshot);
-            if !live {
-                return;
-            }
-            let mut service_accounts = vec![sa];
-            service_accounts.extend(
-                previous
-                    .map(|p| p.service_account)
-                    .filter(|p| *p != service_accounts[0]),
-            );
-            let mut agents: HashSet<String> = HashSet::from([name.clone()]);
-            for sa in &service_accounts {
-                for peer in caches.identities_claiming(&ns, sa) {
-                    let peer = peer.name_any();
-                    if peer != name {
-                        let _ = identity_tx.unbounded_send(ObjectRef::new(&peer).within(&ns));
-                    }
-                    agents.insert(peer);
-                }
-            }
-            if let Some(kind) = kind {
-                // Peers are affected too: a new claimant puts them in conflict
-                // (fail closed at once, before any status is written).
-                for agent in &agents {
-                    let peer_kind = if *agent == name {
-                        kind
-                    } else if agents.len() > 1 && !deleted {
-                        ChangeKind::Conflict
-                    } else {
-                        ChangeKind::Changed
-                    };
-                    let mut change = Change::new(peer_kind, &ns);
-                    change.agent = Some(agent.clone());
-                    caches.publish(change);
-                }
-            }
-            // Identity status writes (access lists) change nothing for grants.
-            if !changed {
-                return;
-            }
-            for agent in &agents {
-                for grant in caches.grants_of_agent(&ns, agent) {
-                    let _ = grant_tx.unbounded_send(ObjectRef::from_obj(grant.as_ref()));
-                }
-            }
+            let change = PendingIdentity {
+                namespace: ns,
+                name,
+                snapshot,
+                previous,
+                kind,
+                deleted,
+            };
+            announce_identity(&caches, &identity_tx, &grant_tx, change);
         })
         .touched_objects()
 }
 
+/// Tells the node plugins and the grant controller that Secret `ns/name`
+/// changed (`kind` Rotated) or is gone (`kind` Deleted).
+fn announce_secret(
+    caches: &Caches,
+    grant_tx: &UnboundedSender<ObjectRef<SecretGrant>>,
+    ns: &str,
+    name: &str,
+    kind: ChangeKind,
+) {
+    for grant in caches.grants_for_secret(ns, name) {
+        let mut change = Change::new(kind, ns);
+        change.agent = Some(grant.spec.agent.clone());
+        change.grant = Some(grant.name_any());
+        change.secret = Some(name.to_owned());
+        caches.publish(change);
+        let _ = grant_tx.unbounded_send(ObjectRef::from_obj(grant.as_ref()));
+    }
+}
+
 /// Secrets: keep cached (granted) Secrets fresh and re-evaluate the grants
 /// that read a Secret when its data changes, it appears or it disappears.
-/// Secrets nobody grants are looked at and dropped, never kept.
+/// Secrets nobody grants are looked at and dropped, never kept. A relist
+/// announces what changed meanwhile and drops cached Secrets it no longer
+/// lists (deleted while the watch was down).
 pub(super) async fn secrets(
     client: Client,
     namespace: Option<String>,
     wc: watcher::Config,
     caches: Caches,
     grant_tx: UnboundedSender<ObjectRef<SecretGrant>>,
+    health: Arc<WatchHealth>,
 ) {
     let cache = caches.secrets.clone();
     let api: Api<Secret> = match namespace.as_deref() {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
-    let events = watcher(api, wc).default_backoff();
+    let events = watch_with_health("secrets", health, watcher(api, wc));
     let mut events = events.boxed();
+    let mut listed: Option<HashSet<(String, String)>> = None;
+    let mut listed_once = false;
     while let Some(item) = events.next().await {
-        let event = match item {
-            Ok(event) => event,
-            Err(error) => {
-                tracing::warn!(%error, "Secret watch failed; retrying");
+        let Ok(event) = item else {
+            // Reported (and backed off) by watch_with_health.
+            continue;
+        };
+        let secret = match &event {
+            Event::Apply(s) | Event::Delete(s) | Event::InitApply(s) => s,
+            Event::Init => {
+                listed = Some(HashSet::new());
                 continue;
             }
-        };
-        let (secret, live) = match &event {
-            Event::Apply(s) | Event::Delete(s) => (s, true),
-            Event::InitApply(s) => (s, false),
-            _ => continue,
+            Event::InitDone => {
+                let seen = listed.take().unwrap_or_default();
+                if listed_once {
+                    for (ns, name) in cache.names() {
+                        if seen.contains(&(ns.clone(), name.clone())) {
+                            continue;
+                        }
+                        tracing::info!(namespace = %ns, secret = %name, "granted Secret deleted while the watch was down");
+                        cache.remove(&ns, &name);
+                        announce_secret(&caches, &grant_tx, &ns, &name, ChangeKind::Deleted);
+                    }
+                }
+                listed_once = true;
+                continue;
+            }
         };
         let (Some(ns), Some(name)): (Option<String>, Option<String>) = (
             secret.metadata.namespace.clone(),
@@ -286,34 +527,36 @@ pub(super) async fn secrets(
         ) else {
             continue;
         };
+        if matches!(event, Event::InitApply(_)) {
+            listed
+                .get_or_insert_with(HashSet::new)
+                .insert((ns.clone(), name.clone()));
+        }
         // Most Secrets in a cluster are granted to nobody: one index lookup.
-        let grants = caches.grants_for_secret(&ns, &name);
+        let granted = !caches.grants_for_secret(&ns, &name).is_empty();
         let changed = if matches!(event, Event::Delete(_)) {
             let was_cached = cache.contains(&ns, &name);
             cache.remove(&ns, &name);
-            was_cached || !grants.is_empty()
+            was_cached || granted
         } else if cache.contains(&ns, &name) {
             cache.refresh(secret)
-        } else if !grants.is_empty() {
+        } else if granted {
             cache.upsert(&ns, &name, CachedSecret::from_secret(secret));
             true
         } else {
             false
         };
+        // The cache above is updated at once (it is not a reflector store),
+        // so relisted changes are announced at once too; the first list
+        // announces nothing.
+        let live = listed_once || !matches!(event, Event::InitApply(_));
         if live && changed {
             let kind = if matches!(event, Event::Delete(_)) {
                 ChangeKind::Deleted
             } else {
                 ChangeKind::Rotated
             };
-            for grant in grants {
-                let mut change = Change::new(kind, &ns);
-                change.agent = Some(grant.spec.agent.clone());
-                change.grant = Some(grant.name_any());
-                change.secret = Some(name.clone());
-                caches.publish(change);
-                let _ = grant_tx.unbounded_send(ObjectRef::from_obj(grant.as_ref()));
-            }
+            announce_secret(&caches, &grant_tx, &ns, &name, kind);
         }
     }
 }

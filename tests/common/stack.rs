@@ -28,6 +28,15 @@ pub async fn start_controller_with_custody(
     ns: &str,
     extra_args: &[&str],
 ) -> (ControllerProcess, String) {
+    start_controller_with_custody_via(ns, extra_args, &server().kubeconfig).await
+}
+
+/// [`start_controller_with_custody`] reaching the API server through `kubeconfig`.
+pub async fn start_controller_with_custody_via(
+    ns: &str,
+    extra_args: &[&str],
+    kubeconfig: &Path,
+) -> (ControllerProcess, String) {
     let node_sa = format!("{ns}/{NODE_PLUGIN_SA}");
     let mut args = vec![
         "--custody-listen",
@@ -39,7 +48,7 @@ pub async fn start_controller_with_custody(
         "200",
     ];
     args.extend_from_slice(extra_args);
-    let controller = ControllerProcess::start(ns, &args);
+    let controller = ControllerProcess::start_with_kubeconfig(ns, &args, kubeconfig);
     let line = controller
         .wait_for_log(|l| l.contains("custody_addr"), WAIT)
         .await;
