@@ -288,7 +288,7 @@ enum CliError {
     #[error("node plugin: {0}")]
     Node(#[from] scopehold::csi::grpc::server::NodePluginError),
     #[error("leader election: {0}")]
-    Lease(#[source] kube_lease_manager::LeaseManagerError),
+    Lease(#[source] scopehold::controller::leader::LeaseError),
     #[error("custody TLS: {0}")]
     Tls(#[source] scopehold::custody::tls::TlsError),
     #[error("connecting to Kubernetes: {0}")]
