@@ -8,10 +8,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::proxy::TcpProxy;
 use common::stack::node_plugin_token;
 use common::{
     AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
-    install_crds, pod_token, test_namespace, wait_for_desc,
+    install_crds, pod_token, server, test_namespace, wait_for_desc,
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
@@ -25,7 +26,12 @@ use scopehold::proto::scopehold::v1::custody_client::CustodyClient;
 const LEASE_SECONDS: u64 = 4;
 
 fn start(ns: &str) -> ControllerProcess {
-    ControllerProcess::start(
+    start_via(ns, &server().kubeconfig)
+}
+
+/// [`start`] reaching the API server through `kubeconfig` (e.g. a proxy's).
+fn start_via(ns: &str, kubeconfig: &std::path::Path) -> ControllerProcess {
+    ControllerProcess::start_with_kubeconfig(
         ns,
         &[
             "--leader-election",
@@ -39,6 +45,7 @@ fn start(ns: &str) -> ControllerProcess {
             "--node-service-account",
             &format!("{ns}/node-plugin"),
         ],
+        kubeconfig,
     )
 }
 
@@ -215,4 +222,206 @@ async fn one_leader_reconciles_the_other_takes_over_and_both_serve_custody() {
     );
     grant(&client, &ns, "after").await;
     await_active(&client, &ns, "after", Duration::from_secs(20)).await;
+}
+
+/// When the last log line containing `text` was written (its JSON timestamp).
+fn logged_at(c: &ControllerProcess, text: &str) -> Option<k8s_openapi::jiff::Timestamp> {
+    c.logs()
+        .lines()
+        .rfind(|l| l.contains(text))
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|v| v["timestamp"].as_str()?.parse().ok())
+}
+
+/// A leader partitioned from the API server cannot renew its lease: it must stop
+/// leading before the lease runs out, i.e. before the other replica may take it,
+/// so that two replicas never reconcile at once. Back on the network it stays a
+/// follower.
+#[tokio::test]
+async fn a_leader_cut_off_from_the_api_server_steps_down_before_the_lease_runs_out() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = test_namespace(&client, "ha-partition").await;
+    let upstream: std::net::SocketAddr =
+        server().url.trim_start_matches("https://").parse().unwrap();
+    let proxies = [
+        TcpProxy::start(upstream).await,
+        TcpProxy::start(upstream).await,
+    ];
+    let [a, b] = [0, 1].map(|i| {
+        start_via(
+            &ns,
+            &proxies[i].kubeconfig(&server().kubeconfig, &server().run_dir),
+        )
+    });
+    wait_for_desc("a leader", Duration::from_secs(20), async || {
+        (leads(&a) || leads(&b)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(leads(&a) ^ leads(&b), "exactly one leader");
+    let (leader, follower, cable) = if leads(&a) {
+        (&a, &b, &proxies[0])
+    } else {
+        (&b, &a, &proxies[1])
+    };
+
+    cable.cut();
+    let cut = Instant::now();
+    wait_for_desc(
+        "the follower taking over",
+        Duration::from_secs(LEASE_SECONDS * 4),
+        async || leads(follower).then_some(()),
+    )
+    .await;
+    eprintln!("follower leads {:?} after the cut", cut.elapsed());
+    wait_for_desc(
+        "the cut-off leader stepping down",
+        Duration::from_secs(2),
+        async || (!leads(leader)).then_some(()),
+    )
+    .await;
+    let stepped_down = logged_at(leader, "lost leadership").unwrap();
+    let took_over = logged_at(follower, "became the leader").unwrap();
+    eprintln!("stepped down at {stepped_down}, taken over at {took_over}");
+    assert!(
+        stepped_down < took_over,
+        "the cut-off leader led until {stepped_down}, after the follower took over at {took_over}"
+    );
+    assert!(
+        leader.logs().contains("stepping down before it runs out"),
+        "the leader should say why it stepped down"
+    );
+
+    // Back on the network, the old leader finds the lease held and follows.
+    cable.restore();
+    tokio::time::sleep(Duration::from_secs(LEASE_SECONDS * 2)).await;
+    assert!(leads(follower) && !leads(leader), "leadership flapped back");
+    grant(&client, &ns, "after-partition").await;
+    // The grant names an agent that does not exist: the new leader still
+    // reconciles it (to Pending), which is all this checks.
+    let api: Api<SecretGrant> = Api::namespaced(client.clone(), &ns);
+    wait_for_desc(
+        "a reconcile by the new leader",
+        Duration::from_secs(20),
+        async || api.get("after-partition").await.ok()?.status.map(|_| ()),
+    )
+    .await;
+}
+
+/// Both replicas serve custody and count resolutions into the same grant
+/// status: concurrent resolutions on both must all be counted (a replica that
+/// wrote its own count over the other's lost them, and counts went backwards).
+#[tokio::test]
+async fn resolutions_on_two_replicas_are_all_counted() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = test_namespace(&client, "ha-count").await;
+    let node = format!("{ns}-node");
+    create_node(&client, &node).await;
+    create_service_account(&client, &ns, "bot-sa").await;
+    let plugin_token = node_plugin_token(&client, &ns, &node).await;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("creds".into()),
+            ..Default::default()
+        },
+        string_data: Some([("api".to_owned(), "ha-count-value".to_owned())].into()),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let identity = AgentIdentity::new(
+        "bot",
+        AgentIdentitySpec {
+            service_account_name: "bot-sa".into(),
+            ..Default::default()
+        },
+    );
+    Api::<AgentIdentity>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &identity)
+        .await
+        .unwrap();
+    grant(&client, &ns, "counted").await;
+
+    let replicas = [start(&ns), start(&ns)];
+    for c in &replicas {
+        c.wait_for_log(|l| l.contains("caches synced"), Duration::from_secs(20))
+            .await;
+    }
+    await_active(&client, &ns, "counted", Duration::from_secs(20)).await;
+
+    const PODS_PER_REPLICA: usize = 8;
+    let mut asks = Vec::new();
+    for i in 0..PODS_PER_REPLICA * 2 {
+        let name = format!("agent-{i}");
+        let pod = create_pod(&client, &ns, &name, "bot-sa", &node).await;
+        let uid = pod.uid().unwrap();
+        let token = pod_token(&client, &ns, "bot-sa", &name, &uid, AUDIENCE, 3600).await;
+        asks.push((i % 2, name, uid, token));
+    }
+    // Rounds of one resolution per replica at the same moment, so that both
+    // flush counts for the same grant again and again.
+    for round in asks.chunks(2) {
+        let calls = round.iter().map(|(replica, name, uid, token)| {
+            let addr = field(&replicas[*replica], "custody_addr");
+            let (ns, node, plugin_token) = (ns.clone(), node.clone(), plugin_token.clone());
+            async move {
+                let mut custody = CustodyClient::connect(format!("http://{addr}"))
+                    .await
+                    .unwrap();
+                let mut request = tonic::Request::new(ResolveRequest {
+                    pod_token: token.clone(),
+                    pod_namespace: ns,
+                    pod_name: name.clone(),
+                    pod_uid: uid.clone(),
+                    service_account_name: "bot-sa".into(),
+                    node_name: node,
+                    ..Default::default()
+                });
+                request.metadata_mut().insert(
+                    "authorization",
+                    format!("Bearer {plugin_token}").parse().unwrap(),
+                );
+                custody
+                    .resolve(request)
+                    .await
+                    .expect("resolved")
+                    .into_inner()
+            }
+        });
+        for response in futures::future::join_all(calls).await {
+            assert_eq!(response.grants.len(), 1);
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    let api: Api<SecretGrant> = Api::namespaced(client.clone(), &ns);
+    let total = i64::try_from(asks.len()).unwrap();
+    let mut last = 0;
+    let counted = wait_for_desc(
+        &format!("{total} resolutions counted"),
+        Duration::from_secs(20),
+        async || {
+            let count = api
+                .get("counted")
+                .await
+                .ok()?
+                .status?
+                .resolutions
+                .unwrap_or(0);
+            assert!(count >= last, "the count went backwards: {last} -> {count}");
+            last = count;
+            (count >= total).then_some(count)
+        },
+    )
+    .await;
+    assert_eq!(counted, total, "resolutions counted twice");
+    // And it stays there (no late write from a stale base).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = api.get("counted").await.unwrap().status.unwrap();
+    assert_eq!(status.resolutions, Some(total));
+    assert_eq!(status.recent_resolutions.len(), 10);
 }

@@ -16,8 +16,8 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ObjectMeta, PostParams};
 use kube::Client;
+use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -241,20 +241,17 @@ async fn try_acquire_or_renew(
             Err(error) => Err(error),
         };
     };
-    let changed = observed.as_ref().map(|o| &o.resource_version)
-        != Some(&lease.metadata.resource_version);
+    let changed =
+        observed.as_ref().map(|o| &o.resource_version) != Some(&lease.metadata.resource_version);
     if changed {
         remember(observed, &lease);
     }
     let spec = lease.spec.clone().unwrap_or_default();
     let holder = spec.holder_identity.clone().unwrap_or_default();
     let ours = holder == settings.identity;
-    let held_for = Duration::from_secs(
-        u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
-    );
-    let running_out = observed
-        .as_ref()
-        .is_none_or(|o| o.at.elapsed() >= held_for);
+    let held_for =
+        Duration::from_secs(u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0));
+    let running_out = observed.as_ref().is_none_or(|o| o.at.elapsed() >= held_for);
     if !ours && !holder.is_empty() && !running_out {
         return Ok(false);
     }

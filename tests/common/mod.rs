@@ -406,9 +406,19 @@ pub async fn apply_manifest(client: &Client, value: serde_yaml::Value, file: &Pa
         .unwrap_or_else(|e| panic!("{}: discovering {gvk:?}: {e}", file.display()));
     let name = object.metadata.name.clone().expect("manifest has a name");
     Api::<kube::api::DynamicObject>::all_with(client.clone(), &resource)
-        .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object))
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&object),
+        )
         .await
-        .unwrap_or_else(|e| panic!("applying {} {name} from {}: {e}", types.kind, file.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "applying {} {name} from {}: {e}",
+                types.kind,
+                file.display()
+            )
+        });
 }
 
 /// Runs `/usr/bin/kubectl --kubeconfig <admin kubeconfig> ARGS…` (blocking; kubectl
