@@ -151,6 +151,14 @@ struct CustodyArgs {
     /// Extra DNS names or IP addresses for the serving certificate.
     #[arg(long, env = "SCOPEHOLD_CUSTODY_TLS_SANS", value_delimiter = ',')]
     custody_tls_san: Vec<String>,
+    /// Longest a Resolve waits on the API server before answering
+    /// UNAVAILABLE (kubelet retries the mount).
+    #[arg(
+        long,
+        env = "SCOPEHOLD_CUSTODY_DECISION_TIMEOUT_MS",
+        default_value_t = 4000
+    )]
+    custody_decision_timeout_ms: u64,
     /// How often resolution counts are written into statuses.
     #[arg(long, env = "SCOPEHOLD_STATUS_FLUSH_MS", default_value_t = 1000)]
     status_flush_ms: u64,
@@ -529,7 +537,10 @@ async fn serve_custody(
         args.node_service_account.clone(),
         resolutions.clone(),
         metrics,
-    );
+    )
+    .with_decision_timeout(std::time::Duration::from_millis(
+        args.custody_decision_timeout_ms.max(100),
+    ));
     // TCP_NODELAY: without it Nagle's algorithm held ~1.4% of Resolve replies
     // for ~40 ms (BENCHMARKS.md, NodePublishVolume end to end).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

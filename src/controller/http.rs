@@ -54,7 +54,10 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     if !state.ready.load(Ordering::SeqCst) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "caches not synced".to_owned());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "caches not synced".to_owned(),
+        );
     }
     match state.health.check() {
         Ok(()) => (StatusCode::OK, "ready".to_owned()),

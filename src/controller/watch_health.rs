@@ -85,7 +85,11 @@ impl WatchHealth {
 
     /// `Err` naming the failing watches, for `/readyz`.
     pub fn check(&self) -> Result<(), String> {
-        let down = self.down_since.lock().map(|d| d.clone()).unwrap_or_default();
+        let down = self
+            .down_since
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
         if down.is_empty() {
             return Ok(());
         }
@@ -150,7 +154,10 @@ where
                 }
                 Err(error) if is_gone(error) && !state.after_gone => {
                     state.after_gone = true;
-                    health.relists.get_or_create(&ResourceLabel { resource }).inc();
+                    health
+                        .relists
+                        .get_or_create(&ResourceLabel { resource })
+                        .inc();
                     tracing::info!(resource, "resourceVersion gone (410): relisting now");
                 }
                 Err(error) => {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -59,7 +59,14 @@ pub struct CustodyService {
     request_seq: AtomicU64,
     callers: CallerCache,
     metrics: Arc<CustodyMetrics>,
+    /// Longest a Resolve may wait on the API server before answering
+    /// UNAVAILABLE: kubelet retries, and a stalled API server must not hold
+    /// every publish on the node for the node plugin's whole request timeout.
+    decision_timeout: Duration,
 }
+
+/// Default of [`CustodyService::with_decision_timeout`].
+pub const DEFAULT_DECISION_TIMEOUT: Duration = Duration::from_secs(4);
 
 impl CustodyService {
     pub fn new(
@@ -79,7 +86,36 @@ impl CustodyService {
             request_seq: AtomicU64::new(0),
             callers: CallerCache::default(),
             metrics,
+            decision_timeout: DEFAULT_DECISION_TIMEOUT,
         }
+    }
+
+    /// How long a Resolve may wait on the API server (token reviews, reads)
+    /// before it answers UNAVAILABLE.
+    pub fn with_decision_timeout(mut self, timeout: Duration) -> Self {
+        self.decision_timeout = timeout;
+        self
+    }
+
+    /// `work`, or UNAVAILABLE once the decision timeout has passed.
+    async fn within_decision_timeout<T>(
+        &self,
+        what: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, Status> {
+        tokio::time::timeout(self.decision_timeout, work)
+            .await
+            .map_err(|_| {
+                tracing::warn!(
+                    what,
+                    timeout_ms = u64::try_from(self.decision_timeout.as_millis()).unwrap_or(u64::MAX),
+                    "custody could not decide in time: the API server did not answer"
+                );
+                Status::unavailable(format!(
+                    "custody could not decide within {:.1}s ({what}): the API server did not answer; retry",
+                    self.decision_timeout.as_secs_f64()
+                ))
+            })
     }
 
     fn request_id(&self, given: &str) -> String {
@@ -401,12 +437,20 @@ impl CustodyService {
         request: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::ResolveResponse>, (Status, Option<String>)> {
         let node = self
-            .authenticate_caller(&request)
+            .within_decision_timeout(
+                "verifying the node plugin",
+                self.authenticate_caller(&request),
+            )
             .await
+            .and_then(|verified| verified)
             .map_err(|s| (s, None))?;
         let req = request.into_inner();
         let request_id = self.request_id(&req.request_id);
-        match self.resolve_inner(&req, &node, &request_id).await {
+        let decided = self
+            .within_decision_timeout("resolving", self.resolve_inner(&req, &node, &request_id))
+            .await
+            .map_err(|s| (s, Some("Unavailable".to_owned())))?;
+        match decided {
             Ok(response) => Ok(Response::new(response)),
             Err(Refusal::Invalid(message)) => Err((
                 Status::invalid_argument(message),
@@ -527,7 +571,12 @@ impl pb::custody_server::Custody for CustodyService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchInvalidationsStream>, Status> {
-        let node = self.authenticate_caller(&request).await?;
+        let node = self
+            .within_decision_timeout(
+                "verifying the node plugin",
+                self.authenticate_caller(&request),
+            )
+            .await??;
         tracing::info!(%node, "node plugin subscribed to invalidations");
         let stream = Counted::new(
             invalidations::stream_for(&self.caches),
@@ -540,7 +589,11 @@ impl pb::custody_server::Custody for CustodyService {
         &self,
         request: Request<pb::GrantStatesRequest>,
     ) -> Result<Response<pb::GrantStatesResponse>, Status> {
-        self.authenticate_caller(&request).await?;
+        self.within_decision_timeout(
+            "verifying the node plugin",
+            self.authenticate_caller(&request),
+        )
+        .await??;
         if !self.caches.is_synced() {
             return Err(Status::unavailable("custody caches are not synced yet"));
         }
@@ -556,7 +609,12 @@ impl pb::custody_server::Custody for CustodyService {
         &self,
         request: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
-        let node = self.authenticate_caller(&request).await?;
+        let node = self
+            .within_decision_timeout(
+                "verifying the node plugin",
+                self.authenticate_caller(&request),
+            )
+            .await??;
         let reports = request.into_inner().reports;
         if reports.len() > MAX_REPORTS {
             return Err(Status::invalid_argument(format!(

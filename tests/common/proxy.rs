@@ -1,6 +1,8 @@
 //! A loopback TCP proxy the test controls, between a process under test and the
 //! API server: `cut` severs every connection through it and refuses new ones (a
-//! partition, as the process sees it), `restore` lets connections through again.
+//! partition, as the process sees it), `stall` keeps every connection open but
+//! moves no more bytes (an API server that hangs), `restore` lets connections
+//! through again.
 //! TLS passes through untouched (the API server's certificate is for 127.0.0.1).
 
 use std::net::SocketAddr;
@@ -10,11 +12,18 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+/// What the proxy does with connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Open,
+    Cut,
+    Stalled,
+}
+
 pub struct TcpProxy {
     /// `127.0.0.1:PORT` to connect to instead of the upstream.
     pub addr: SocketAddr,
-    /// true while connections may pass.
-    open: Arc<watch::Sender<bool>>,
+    open: Arc<watch::Sender<Mode>>,
     upstream: Arc<std::sync::Mutex<SocketAddr>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -24,7 +33,7 @@ impl TcpProxy {
     pub async fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let open = Arc::new(watch::channel(true).0);
+        let open = Arc::new(watch::channel(Mode::Open).0);
         let upstream = Arc::new(std::sync::Mutex::new(upstream));
         let task = tokio::spawn({
             let open = open.clone();
@@ -34,12 +43,25 @@ impl TcpProxy {
                     let Ok((inbound, _)) = listener.accept().await else {
                         return;
                     };
-                    if !*open.borrow() {
-                        drop(inbound); // refused while cut
-                        continue;
+                    let mode = *open.borrow();
+                    match mode {
+                        Mode::Cut => {
+                            drop(inbound); // refused while cut
+                            continue;
+                        }
+                        Mode::Stalled => {
+                            // Accepted and never answered, until restored.
+                            let mut mode = open.subscribe();
+                            tokio::spawn(async move {
+                                let _held = inbound;
+                                let _ = mode.wait_for(|m| *m != Mode::Stalled).await;
+                            });
+                            continue;
+                        }
+                        Mode::Open => {}
                     }
                     let to = *upstream.lock().unwrap();
-                    let mut closed = open.subscribe();
+                    let mut mode = open.subscribe();
                     tokio::spawn(async move {
                         let Ok(outbound) = TcpStream::connect(to).await else {
                             return;
@@ -47,9 +69,13 @@ impl TcpProxy {
                         let (mut a, mut b) = (inbound, outbound);
                         tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
-                            _ = closed.wait_for(|open| !*open) => {}
+                            _ = mode.wait_for(|m| *m != Mode::Open) => {}
                         }
-                        // Dropping both ends resets the connection mid-stream.
+                        if *mode.borrow() == Mode::Stalled {
+                            // Hold both ends open, silent, until restored or cut.
+                            let _ = mode.wait_for(|m| *m != Mode::Stalled).await;
+                        }
+                        // Dropping both ends closes the connection mid-stream.
                     });
                 }
             }
@@ -64,12 +90,19 @@ impl TcpProxy {
 
     /// Severs every connection through the proxy and refuses new ones.
     pub fn cut(&self) {
-        self.open.send_replace(false);
+        self.open.send_replace(Mode::Cut);
     }
 
-    /// Lets connections through again.
+    /// Keeps every connection open but silent, and accepts new ones without
+    /// answering: an API server that hangs.
+    pub fn stall(&self) {
+        self.open.send_replace(Mode::Stalled);
+    }
+
+    /// Lets connections through again (stalled ones are closed: the client
+    /// reconnects, as after a real hang).
     pub fn restore(&self) {
-        self.open.send_replace(true);
+        self.open.send_replace(Mode::Open);
     }
 
     /// Forwards new connections to `upstream` (e.g. a restarted API server).
