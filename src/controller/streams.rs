@@ -15,7 +15,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use super::changes::{GrantSnapshot, IdentitySnapshot, grant_change, identity_change};
-use super::watch_health::{WatchHealth, watch_with_health};
+use super::watch_health::{Probe, WatchHealth, watch_with_health};
 use crate::api::{AgentIdentity, SecretGrant};
 use crate::caches::{Caches, Change, ChangeKind, SyncTracker};
 use crate::secrets::CachedSecret;
@@ -43,10 +43,26 @@ where
     } else {
         "agentidentities"
     };
-    watch_with_health(resource, health, watcher(api, wc)).filter_map(|item| {
+    let probe = list_probe(api.clone());
+    watch_with_health(resource, health, probe, watcher(api, wc)).filter_map(|item| {
         futures::future::ready(match item {
             Ok(event) => typed_event::<K>(event).map(Ok),
             Err(error) => Some(Err(error)),
+        })
+    })
+}
+
+/// A one-item list of `api`'s resource: does the API server answer?
+fn list_probe<K>(api: Api<K>) -> Probe
+where
+    K: Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    Box::new(move || {
+        let api = api.clone();
+        Box::pin(async move {
+            api.list_metadata(&kube::api::ListParams::default().limit(1))
+                .await
+                .is_ok()
         })
     })
 }
@@ -490,7 +506,8 @@ pub(super) async fn secrets(
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
-    let events = watch_with_health("secrets", health, watcher(api, wc));
+    let probe = list_probe(api.clone());
+    let events = watch_with_health("secrets", health, probe, watcher(api, wc));
     let mut events = events.boxed();
     let mut listed: Option<HashSet<(String, String)>> = None;
     let mut listed_once = false;

@@ -112,12 +112,23 @@ fn is_gone(error: &watcher::Error) -> bool {
     }
 }
 
+/// Checks that the API server answers for the watched resource (a one-item
+/// list): how a watch that was failing is known to be back when the
+/// resumed watch has nothing to deliver.
+pub type Probe = Box<dyn Fn() -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
+
+/// How long a failing watch's stream must stay quiet (no error) before the
+/// probe is asked whether the API server is back.
+const QUIET_BEFORE_PROBE: Duration = Duration::from_secs(2);
+
 /// Backs off after errors like kube's `default_backoff`, except that the first
 /// `410 Gone` in a row relists at once, and reports every error and recovery
-/// to `health`.
+/// to `health`. A recovery is an event from the stream, or, when a resumed
+/// watch stays quiet, a successful `probe`.
 pub fn watch_with_health<S, T>(
     resource: &'static str,
     health: std::sync::Arc<WatchHealth>,
+    probe: Probe,
     stream: S,
 ) -> impl Stream<Item = Result<T, watcher::Error>> + Send + 'static
 where
@@ -132,24 +143,45 @@ where
         delay: Option<Duration>,
         /// The last error was a 410: another one at once would be a loop.
         after_gone: bool,
+        /// The watch failed and has not been seen working since.
+        down: bool,
     }
     let state = State {
         stream: stream.boxed(),
         backoff: DefaultBackoff::default(),
         delay: None,
         after_gone: false,
+        down: false,
     };
+    let probe = std::sync::Arc::new(probe);
     futures::stream::unfold(state, move |mut state| {
-        let health = health.clone();
+        let (health, probe) = (health.clone(), probe.clone());
         async move {
             if let Some(delay) = state.delay.take() {
                 tokio::time::sleep(delay).await;
             }
-            let item = state.stream.next().await?;
+            // `next()` is cancel-safe: the watcher keeps its request in the
+            // stream, so racing it against the probe loses nothing.
+            let item = loop {
+                if !state.down {
+                    break state.stream.next().await?;
+                }
+                tokio::select! {
+                    item = state.stream.next() => break item?,
+                    _ = tokio::time::sleep(QUIET_BEFORE_PROBE) => {
+                        let answered = tokio::time::timeout(QUIET_BEFORE_PROBE, probe()).await;
+                        if answered == Ok(true) {
+                            state.down = false;
+                            health.succeeded(resource);
+                        }
+                    }
+                }
+            };
             match &item {
                 Ok(_) => {
                     state.backoff.reset();
                     state.after_gone = false;
+                    state.down = false;
                     health.succeeded(resource);
                 }
                 Err(error) if is_gone(error) && !state.after_gone => {
@@ -162,6 +194,7 @@ where
                 }
                 Err(error) => {
                     state.after_gone = false;
+                    state.down = true;
                     health.failed(resource, error);
                     state.delay = state.backoff.next();
                 }
