@@ -99,7 +99,7 @@ our_shims() {
   local sock="$D/containerd/containerd.sock" pid args
   for pid in /proc/[0-9]*; do
     pid=${pid#/proc/}
-    args=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || continue
+    args=$({ tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null) || continue
     [[ $args == *containerd-shim* && $args == *"-address $sock "* ]] && echo "$pid"
   done
   return 0
@@ -395,7 +395,7 @@ up() {
   local started=$SECONDS
   mkdir -p "$D/pids" "$D/logs"
   record_before
-  trap 'stop_waiter; teardown' EXIT
+  trap 'stop_waiter || true; teardown' EXIT
   trap 'exit 143' TERM
   trap 'exit 130' INT
 
@@ -492,8 +492,8 @@ EOF
 
 WAITER=
 stop_waiter() {
-  [[ -n $WAITER ]] && kill "$WAITER" 2>/dev/null
-  return 0
+  # (errexit is on: a failed kill here would end the EXIT trap early.)
+  if [[ -n $WAITER ]]; then kill "$WAITER" 2>/dev/null || true; fi
 }
 
 case $cmd in
