@@ -215,7 +215,20 @@ impl<R: Resolver> NodeService<R> {
             )
             .await
         {
-            Ok(converged) => Ok(converged.write_outcome()),
+            Ok(converged) => {
+                let outcome = converged.write_outcome();
+                // One line per kubelet republish (requiresRepublish; once per
+                // pod sync period): the cadence is visible in the log.
+                tracing::info!(
+                    volume_id = %volume_id,
+                    namespace = %pod.namespace,
+                    pod = %pod.name,
+                    request_id = %request_id,
+                    outcome = ?outcome,
+                    "volume republished"
+                );
+                Ok(outcome)
+            }
             Err(error) if error.is_local() => Err(error),
             Err(error) => {
                 tracing::error!(
