@@ -310,6 +310,27 @@ impl RustClient {
         if !head.starts_with("HTTP/1.1 200") {
             return Err(format!("CONNECT refused: {head}").into());
         }
+        Self::handshake(tcp, connect_to, sni, roots).await
+    }
+
+    /// The same client without the proxy: straight to `addr`.
+    pub async fn direct(
+        addr: SocketAddr,
+        host_header: &str,
+        sni: &str,
+        roots: &Path,
+    ) -> Result<RustClient, BoxError> {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        Self::handshake(tcp, host_header, sni, roots).await
+    }
+
+    async fn handshake(
+        tcp: TcpStream,
+        host_header: &str,
+        sni: &str,
+        roots: &Path,
+    ) -> Result<RustClient, BoxError> {
         let mut store = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(roots)? {
             store.add(cert?)?;
@@ -328,7 +349,7 @@ impl RustClient {
         tokio::spawn(conn);
         Ok(RustClient {
             sender,
-            host_header: connect_to.to_string(),
+            host_header: host_header.to_string(),
         })
     }
 
