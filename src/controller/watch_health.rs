@@ -5,15 +5,15 @@
 //! short. A watch told `410 Gone` (its resourceVersion fell out of the API
 //! server's window) relists at once instead of after the watcher's error
 //! backoff: kube's default waits 0.8 s doubling to 30 s with jitter, so a 410
-//! after a cut left stale state in force for 30–55 s.
+//! after a cut left stale state in force for 30–55 s. Other errors back off
+//! from 0.5 s to at most 5 s.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use kube::runtime::utils::Backoff as _;
-use kube::runtime::watcher::{self, DefaultBackoff};
+use kube::runtime::watcher;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -117,11 +117,19 @@ fn is_gone(error: &watcher::Error) -> bool {
 /// resumed watch has nothing to deliver.
 pub type Probe = Box<dyn Fn() -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
 
+/// Backoff between failed watch attempts: doubling from the first, capped at
+/// the last. Capped low on purpose: kube's default (0.8 s doubling to 30 s,
+/// plus up to as much again in jitter) left a controller on stale state for
+/// a minute and more after its API server came back. A few watches of one
+/// Deployment retrying every 5 s cost the API server nothing.
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
 /// How long a failing watch's stream must stay quiet (no error) before the
 /// probe is asked whether the API server is back.
 const QUIET_BEFORE_PROBE: Duration = Duration::from_secs(2);
 
-/// Backs off after errors like kube's `default_backoff`, except that the first
+/// Backs off after errors (0.5 s doubling to 5 s), except that the first
 /// `410 Gone` in a row relists at once, and reports every error and recovery
 /// to `health`. A recovery is an event from the stream, or, when a resumed
 /// watch stays quiet, a successful `probe`.
@@ -137,7 +145,8 @@ where
 {
     struct State<T> {
         stream: futures::stream::BoxStream<'static, Result<T, watcher::Error>>,
-        backoff: DefaultBackoff,
+        /// The next delay after an error.
+        backoff: Duration,
         /// Wait this long before polling again (the watcher only issues its
         /// next request when polled).
         delay: Option<Duration>,
@@ -148,7 +157,7 @@ where
     }
     let state = State {
         stream: stream.boxed(),
-        backoff: DefaultBackoff::default(),
+        backoff: BACKOFF_FIRST,
         delay: None,
         after_gone: false,
         down: false,
@@ -179,7 +188,7 @@ where
             };
             match &item {
                 Ok(_) => {
-                    state.backoff.reset();
+                    state.backoff = BACKOFF_FIRST;
                     state.after_gone = false;
                     state.down = false;
                     health.succeeded(resource);
@@ -196,7 +205,8 @@ where
                     state.after_gone = false;
                     state.down = true;
                     health.failed(resource, error);
-                    state.delay = state.backoff.next();
+                    state.delay = Some(state.backoff);
+                    state.backoff = (state.backoff * 2).min(BACKOFF_MAX);
                 }
             }
             Some((item, state))
