@@ -45,6 +45,11 @@ pub struct AuditRecord {
     pub content_digest: Option<String>,
     pub request_id: Option<String>,
     pub message: Option<String>,
+    /// Who presented the token (TokenReview user and its bound pod), where
+    /// it differs in kind from what the request claimed: set on denials.
+    pub caller_user: Option<String>,
+    pub caller_pod: Option<String>,
+    pub caller_pod_uid: Option<String>,
 }
 
 impl AuditRecord {
@@ -78,6 +83,9 @@ impl AuditRecord {
             contentDigest = self.content_digest.as_deref(),
             requestID = self.request_id.as_deref(),
             detail = self.message.as_deref(),
+            callerUser = self.caller_user.as_deref(),
+            callerPod = self.caller_pod.as_deref(),
+            callerPodUID = self.caller_pod_uid.as_deref(),
         );
     }
 }

@@ -258,6 +258,8 @@ async fn resolves_only_the_granted_keys() {
     // Narrowed to one grant.
     let mut narrowed = f.request(&pod);
     narrowed.grants = vec!["gh".into()];
+    // Another volume of the pod: a new mount, a resolution of its own.
+    narrowed.volume_id = format!("csi-{}-narrowed", pod.uid);
     let only = f.resolve(narrowed).await.expect("narrowed");
     assert_eq!(
         only.grants
@@ -305,6 +307,26 @@ async fn resolves_only_the_granted_keys() {
         .then_some(())
     })
     .await;
+    // Kubelet's republish of the first volume delivers the same content again:
+    // answered in full, but neither an audit record nor a resolution.
+    let again = f.resolve(f.request(&pod)).await.expect("republished");
+    assert_eq!(again.grants.len(), 2);
+    tokio::time::sleep(Duration::from_millis(1500)).await; // > --status-flush-ms
+    let resolved_gh = f
+        .controller
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "SecretResolved" && l["grant"] == "gh")
+        .count();
+    assert_eq!(
+        resolved_gh, 2,
+        "a republish of unchanged content was recorded"
+    );
+    assert_eq!(
+        grants.get("gh").await.unwrap().status.unwrap().resolutions,
+        Some(2),
+        "a republish of unchanged content was counted"
+    );
     let identities: Api<AgentIdentity> = Api::namespaced(f.client.clone(), &f.ns);
     wait_for_desc("identity lastResolvedAt", WAIT, async || {
         identities.get("bot").await.ok()?.status?.last_resolved_at
@@ -384,8 +406,26 @@ async fn denials_are_refused_audited_and_recorded() {
     let twin = f.pod("bot-twin", "bot-sa", &node).await;
     let mut stolen = f.request(&bot);
     stolen.pod_token = twin.token.clone();
+    stolen.request_id = "stolen".into();
     f.expect_denied(stolen, Code::PermissionDenied, "TokenMismatch")
         .await;
+    // The record names what was claimed (bot) and who presented the token
+    // (bot-twin, per the TokenReview), not only the victim.
+    let line = f
+        .controller
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["event"] == "AccessDenied" && l["requestID"] == "stolen")
+        .unwrap();
+    assert_eq!(line["pod"], "bot", "{line}");
+    assert_eq!(line["podUID"], bot.uid.as_str(), "{line}");
+    assert_eq!(line["callerPod"], "bot-twin", "{line}");
+    assert_eq!(line["callerPodUID"], twin.uid.as_str(), "{line}");
+    assert_eq!(
+        line["callerUser"],
+        format!("system:serviceaccount:{}:bot-sa", f.ns).as_str(),
+        "{line}"
+    );
 
     // Pod details in the volume attributes that contradict the token.
     let mut forged_uid = f.request(&bot);
@@ -464,6 +504,20 @@ async fn denials_are_refused_audited_and_recorded() {
 
     // And the control: the legitimate pod resolves.
     assert!(f.resolve(f.request(&bot)).await.is_ok());
+
+    // The Event of the stolen token names its holder too.
+    wait_for_desc(
+        "AccessDenied Event naming the token's holder",
+        WAIT,
+        async || {
+            f.events("AccessDenied").await.into_iter().find(|e| {
+                e.note
+                    .as_deref()
+                    .is_some_and(|n| n.contains("token presented by") && n.contains("bot-twin"))
+            })
+        },
+    )
+    .await;
 
     // AccessDenied Events regarding the identity, related to the pod.
     wait_for_desc(

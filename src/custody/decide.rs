@@ -54,6 +54,31 @@ impl DenyReason {
 pub struct Denial {
     pub reason: DenyReason,
     pub message: String,
+    /// Who presented the token, from the TokenReview, when it passed: a
+    /// denial names the claimed pod and, apart from it, the token's holder.
+    pub presented_by: Option<Presenter>,
+}
+
+/// The holder of a verified token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presenter {
+    /// The TokenReview's user, `system:serviceaccount:NS:NAME`.
+    pub user: String,
+    pub pod: Option<String>,
+    pub pod_uid: Option<String>,
+}
+
+impl Presenter {
+    pub fn of(claims: &TokenClaims) -> Self {
+        Presenter {
+            user: format!(
+                "system:serviceaccount:{}:{}",
+                claims.namespace, claims.service_account
+            ),
+            pod: claims.pod_name.clone(),
+            pod_uid: claims.pod_uid.clone(),
+        }
+    }
 }
 
 impl Denial {
@@ -61,6 +86,7 @@ impl Denial {
         Denial {
             reason,
             message: message.into(),
+            presented_by: None,
         }
     }
 }

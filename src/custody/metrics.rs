@@ -48,6 +48,8 @@ pub struct CustodyMetrics {
     pub token_reviews: Family<CallerLabel, Counter>,
     pub pod_reads: Counter,
     pub reports: Family<KindLabel, Counter>,
+    /// Resolves that delivered a volume the content it already had.
+    pub unchanged_deliveries: Counter,
 }
 
 impl Default for CustodyMetrics {
@@ -63,6 +65,7 @@ impl Default for CustodyMetrics {
             token_reviews: Family::default(),
             pod_reads: Counter::default(),
             reports: Family::default(),
+            unchanged_deliveries: Counter::default(),
         }
     }
 }
@@ -105,6 +108,11 @@ impl CustodyMetrics {
             "node_reports",
             "Node plugin reports accepted, by event",
             m.reports.clone(),
+        );
+        r.register(
+            "unchanged_deliveries",
+            "Resolves that delivered a volume the content it already held (republishes): not recorded as resolutions",
+            m.unchanged_deliveries.clone(),
         );
         Arc::new(m)
     }

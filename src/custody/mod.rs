@@ -4,6 +4,7 @@
 
 pub mod caller_cache;
 pub mod decide;
+pub mod delivered;
 pub mod invalidations;
 pub mod metrics;
 pub mod resolutions;

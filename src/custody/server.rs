@@ -13,7 +13,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tonic::{Request, Response, Status};
 
 use super::caller_cache::CallerCache;
-use super::decide::{self, Denial, DenyReason, GrantedFile, PodAsk};
+use super::decide::{self, Denial, DenyReason, GrantedFile, PodAsk, Presenter};
+use super::delivered::Delivered;
 use super::invalidations::{self, InvalidationStream};
 use super::metrics::{CallerLabel, Counted, CustodyMetrics};
 use super::resolutions::ResolutionLog;
@@ -63,6 +64,8 @@ pub struct CustodyService {
     /// UNAVAILABLE: kubelet retries, and a stalled API server must not hold
     /// every publish on the node for the node plugin's whole request timeout.
     decision_timeout: Duration,
+    /// What each volume was last given, to tell republishes from resolutions.
+    delivered: Delivered,
 }
 
 /// Default of [`CustodyService::with_decision_timeout`].
@@ -87,6 +90,7 @@ impl CustodyService {
             callers: CallerCache::default(),
             metrics,
             decision_timeout: DEFAULT_DECISION_TIMEOUT,
+            delivered: Delivered::default(),
         }
     }
 
@@ -220,13 +224,27 @@ impl CustodyService {
                     }
                     other => Refusal::denied(DenyReason::TokenRejected, other.to_string()),
                 })?;
+        // From here on every denial also names who presented the token.
+        self.resolve_verified(req, node, request_id, &claims)
+            .await
+            .map_err(|refusal| refusal.presented_by(&claims))
+    }
+
+    /// [`Self::resolve_inner`] once the pod token is verified.
+    async fn resolve_verified(
+        &self,
+        req: &pb::ResolveRequest,
+        node: &str,
+        request_id: &str,
+        claims: &TokenClaims,
+    ) -> Result<pb::ResolveResponse, Refusal> {
         let ask = PodAsk {
             namespace: &req.pod_namespace,
             name: &req.pod_name,
             uid: &req.pod_uid,
             service_account: &req.service_account_name,
         };
-        decide::check_pod_claims(&claims, &ask, node).map_err(Refusal::Denied)?;
+        decide::check_pod_claims(claims, &ask, node).map_err(Refusal::Denied)?;
         // One API request per publish: the verified token names the pod, its
         // UID and its node (Kubernetes 1.30+ adds the node claims to
         // pod-bound tokens), and the API server refuses to bind a token to a
@@ -240,7 +258,7 @@ impl CustodyService {
                 .get_opt(&req.pod_name)
                 .await
                 .map_err(|e| Refusal::Unavailable(format!("reading the pod: {e}")))?;
-            check_pod_object(&claims, pod, node)?;
+            check_pod_object(claims, pod, node)?;
         }
 
         let identity = decide::select_identity(
@@ -315,6 +333,22 @@ impl CustodyService {
         request_id: &str,
     ) {
         let namespace = req.pod_namespace.clone();
+        let digest = evaluation.content_digest.as_deref();
+        if self
+            .delivered
+            .repeat(&req.pod_uid, &req.volume_id, &grant.name_any(), digest)
+        {
+            self.metrics.unchanged_deliveries.inc();
+            tracing::debug!(
+                namespace = %namespace,
+                pod = %req.pod_name,
+                grant = %grant.name_any(),
+                contentDigest = digest.unwrap_or("-"),
+                requestID = request_id,
+                "unchanged content delivered again (republish): not a new resolution"
+            );
+            return;
+        }
         let mut record = AuditRecord::new("SecretResolved", Decision::Allowed, &namespace);
         record.reason = Some("Granted".into());
         record.agent = Some(identity.name_any());
@@ -381,8 +415,21 @@ impl CustodyService {
         record.grant = (!req.grants.is_empty()).then(|| req.grants.join(","));
         record.request_id = Some(request_id.to_owned());
         record.message = Some(denial.message.clone());
+        if let Some(presenter) = &denial.presented_by {
+            record.caller_user = Some(presenter.user.clone());
+            record.caller_pod = presenter.pod.clone();
+            record.caller_pod_uid = presenter.pod_uid.clone();
+        }
         record.emit();
-        let note = format!("{}: {}", denial.reason.as_str(), denial.message);
+        let mut note = format!("{}: {}", denial.reason.as_str(), denial.message);
+        if let Some(presenter) = &denial.presented_by {
+            note.push_str(&format!(
+                " (token presented by {}, pod {} uid {})",
+                presenter.user,
+                presenter.pod.as_deref().unwrap_or("-"),
+                presenter.pod_uid.as_deref().unwrap_or("-")
+            ));
+        }
         let regarding = match identity {
             Some(i) => i.object_ref(&()),
             None => pod_reference(req),
@@ -537,6 +584,14 @@ enum Refusal {
 impl Refusal {
     fn denied(reason: DenyReason, message: impl Into<String>) -> Self {
         Refusal::Denied(Denial::new(reason, message))
+    }
+
+    /// Records the verified token's holder in a denial.
+    fn presented_by(mut self, claims: &TokenClaims) -> Self {
+        if let Refusal::Denied(denial) | Refusal::DeniedFor(denial, _) = &mut self {
+            denial.presented_by = Some(Presenter::of(claims));
+        }
+        self
     }
 }
 
