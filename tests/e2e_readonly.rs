@@ -16,7 +16,8 @@ use common::cluster::{AGENT_IMAGE, Cluster, cluster_with_scopehold};
 use common::objects::{create_grant, create_identity, create_secret, key};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use scopehold::api::SecretGrant;
 use scopehold::csi::volume::mounter::parse_mountinfo;
 use serde_json::json;
 
@@ -161,6 +162,28 @@ async fn the_credential_volume_is_read_only_in_the_container_and_on_the_host() {
         );
     }
     assert!(std::fs::write(target.join("planted"), b"x").is_err());
+
+    // Whatever root tried in the container, revocation still takes the value.
+    Api::<SecretGrant>::namespaced(client.clone(), &ns)
+        .patch(
+            "g",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"revoked": true}})),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (present, out) = sh(c, &ns, "agent", &format!("test -e {MOUNT}/api-key"));
+        if !present {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revocation did not remove the value from the container: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
