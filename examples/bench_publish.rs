@@ -50,7 +50,6 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -80,6 +79,7 @@ use scopehold::proto::csi::v1 as csi;
 use scopehold::proto::scopehold::v1::ResolveRequest;
 use scopehold::proto::scopehold::v1::custody_client::CustodyClient;
 use serde_json::json;
+use support::timing::{Stats, ms, stats, timed};
 use support::{client_for, cpu_seconds, cpu_split, install_crds, meta, mounts_below, tail};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
@@ -139,98 +139,6 @@ impl Args {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/scopehold")
         })
     }
-}
-
-// ---------------------------------------------------------------------------
-// Statistics.
-
-#[derive(Clone, Copy, Debug)]
-struct Stats {
-    n: usize,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    max: f64,
-    mean: f64,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Nearest-rank percentiles in milliseconds.
-fn stats(samples: &[Duration]) -> Stats {
-    let mut v: Vec<f64> = samples.iter().copied().map(ms).collect();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let at = |q: f64| {
-        if n == 0 {
-            f64::NAN
-        } else {
-            v[((q * n as f64).ceil() as usize).clamp(1, n) - 1]
-        }
-    };
-    Stats {
-        n,
-        p50: at(0.50),
-        p90: at(0.90),
-        p99: at(0.99),
-        max: v.last().copied().unwrap_or(f64::NAN),
-        mean: v.iter().sum::<f64>() / n.max(1) as f64,
-    }
-}
-
-/// The outcome of one timed batch.
-struct Batch {
-    /// Latencies of the successful calls, in completion order.
-    latencies: Vec<Duration>,
-    errors: Vec<String>,
-    wall: Duration,
-}
-
-impl Batch {
-    fn rate(&self) -> f64 {
-        self.latencies.len() as f64 / self.wall.as_secs_f64()
-    }
-
-    fn check(&self, what: &str) {
-        if !self.errors.is_empty() {
-            eprintln!(
-                "  {what}: {} of {} failed; first: {}",
-                self.errors.len(),
-                self.errors.len() + self.latencies.len(),
-                self.errors[0]
-            );
-        }
-    }
-}
-
-/// Runs `call` for every item with at most `concurrency` in flight; each call
-/// returns its own latency (so set-up outside the timed part is excluded).
-async fn timed<'a, T, F, Fut>(items: &'a [T], concurrency: usize, call: F) -> Batch
-where
-    F: Fn(&'a T) -> Fut,
-    Fut: Future<Output = Result<Duration, String>>,
-{
-    let started = Instant::now();
-    let results: Vec<Result<Duration, String>> = futures::stream::iter(items)
-        .map(call)
-        .buffer_unordered(concurrency.max(1))
-        .collect()
-        .await;
-    let wall = started.elapsed();
-    let mut batch = Batch {
-        latencies: Vec::new(),
-        errors: Vec::new(),
-        wall,
-    };
-    for r in results {
-        match r {
-            Ok(d) => batch.latencies.push(d),
-            Err(e) => batch.errors.push(e),
-        }
-    }
-    batch
 }
 
 // ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ use kube::{Client, ResourceExt};
 use scopehold::demo::kubelet::{KubeletPlayer, PodInfo};
 use scopehold::demo::local;
 use serde_json::json;
+use support::timing::{Batch, stats};
 use support::{client_for, cpu_seconds, meta, mounts_below};
 use tokio::process::{Child, Command};
 
@@ -64,71 +65,14 @@ struct Args {
     setup_concurrency: usize,
 }
 
-struct Stats {
-    n: usize,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    max: f64,
-    mean: f64,
-}
-
-/// Nearest-rank percentiles in milliseconds (as bench_publish).
-fn stats(samples: &[Duration]) -> Stats {
-    let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let at = |q: f64| {
-        if n == 0 {
-            f64::NAN
-        } else {
-            v[((q * n as f64).ceil() as usize).clamp(1, n) - 1]
-        }
-    };
-    Stats {
-        n,
-        p50: at(0.5),
-        p90: at(0.9),
-        p99: at(0.99),
-        max: v.last().copied().unwrap_or(f64::NAN),
-        mean: v.iter().sum::<f64>() / n.max(1) as f64,
-    }
-}
-
-struct Batch {
-    latencies: Vec<Duration>,
-    errors: Vec<String>,
-    wall: Duration,
-}
-
-impl Batch {
-    fn rate(&self) -> f64 {
-        self.latencies.len() as f64 / self.wall.as_secs_f64()
-    }
-}
-
+/// Runs `call` for every pod (see `support::timing::timed`) and says how
+/// many calls failed.
 async fn timed<'a, F, Fut>(pods: &'a [PodInfo], concurrency: usize, call: F) -> Batch
 where
     F: Fn(&'a PodInfo) -> Fut,
     Fut: Future<Output = Result<Duration, String>>,
 {
-    let started = Instant::now();
-    let results: Vec<Result<Duration, String>> = futures::stream::iter(pods)
-        .map(call)
-        .buffer_unordered(concurrency.max(1))
-        .collect()
-        .await;
-    let mut batch = Batch {
-        latencies: Vec::new(),
-        errors: Vec::new(),
-        wall: started.elapsed(),
-    };
-    for r in results {
-        match r {
-            Ok(d) => batch.latencies.push(d),
-            Err(e) => batch.errors.push(e),
-        }
-    }
+    let batch = support::timing::timed(pods, concurrency, call).await;
     if let Some(first) = batch.errors.first() {
         eprintln!("  {} errors; first: {first}", batch.errors.len());
     }

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod timing;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
