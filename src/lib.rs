@@ -20,3 +20,4 @@ pub mod proto;
 pub mod proxy;
 pub mod secrets;
 pub mod telemetry;
+pub mod webhook;

@@ -462,6 +462,8 @@ fn defaults_render_the_expected_objects() {
         ("DaemonSet", 1),
         ("PodDisruptionBudget", 1),
         ("CSIDriver", 1),
+        // the proxy-sidecar admission webhook
+        ("MutatingWebhookConfiguration", 1),
     ]
     .into_iter()
     .map(|(k, n)| (k.to_string(), n))
@@ -471,7 +473,14 @@ fn defaults_render_the_expected_objects() {
     for d in &r.docs {
         let kind = d["kind"].as_str().unwrap();
         let ns = d["metadata"]["namespace"].as_str();
-        if ["ClusterRole", "ClusterRoleBinding", "CSIDriver"].contains(&kind) {
+        if [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "CSIDriver",
+            "MutatingWebhookConfiguration",
+        ]
+        .contains(&kind)
+        {
             assert_eq!(ns, None, "{kind} is cluster-scoped");
         } else {
             assert_eq!(
@@ -566,6 +575,14 @@ fn controller_deployment_is_locked_down() {
             "scopehold-system/scopehold-node",
             "--volume-size-limit",
             "1Mi",
+            "--webhook-listen",
+            "0.0.0.0:9444",
+            "--webhook-configuration",
+            "scopehold-proxy-injector",
+            "--proxy-image",
+            "ghcr.io/scopehold/scopehold:0.1.0",
+            "--proxy-port",
+            "15001",
         ]
     );
     let sc = &c["securityContext"];
@@ -602,7 +619,11 @@ fn controller_deployment_is_locked_down() {
         .collect();
     assert_eq!(
         ports,
-        BTreeMap::from([("custody".into(), 9443), ("metrics".into(), 8080)])
+        BTreeMap::from([
+            ("custody".into(), 9443),
+            ("metrics".into(), 8080),
+            ("webhook".into(), 9444)
+        ])
     );
     assert!(c["resources"]["requests"]["memory"].is_string());
     assert!(c["resources"]["limits"]["memory"].is_string());
@@ -1058,6 +1079,58 @@ fn service_monitor_renders_only_when_enabled() {
 }
 
 #[test]
+fn proxy_injector_is_registered_fail_closed_for_annotated_pods_only() {
+    let r = render(&[]);
+    let mwc = r.named("MutatingWebhookConfiguration", "scopehold-proxy-injector");
+    let hooks = mwc["webhooks"].as_array().unwrap();
+    assert_eq!(hooks.len(), 1);
+    let hook = &hooks[0];
+    assert_eq!(hook["failurePolicy"], "Fail");
+    assert_eq!(hook["sideEffects"], "None");
+    assert_eq!(
+        hook["matchConditions"][0]["expression"],
+        scopehold::webhook::MATCH_CONDITION
+    );
+    assert_eq!(strings(&hook["rules"][0]["operations"]), ["CREATE"]);
+    assert_eq!(strings(&hook["rules"][0]["resources"]), ["pods"]);
+    let service = &hook["clientConfig"]["service"];
+    assert_eq!(service["name"], "scopehold-custody");
+    assert_eq!(service["namespace"], "scopehold-system");
+    assert_eq!(service["port"], 9444);
+    assert_eq!(service["path"], scopehold::webhook::MUTATE_PATH);
+    // The controller sets the caBundle (the chart cannot know the CA).
+    assert!(hook["clientConfig"].get("caBundle").is_none());
+    let custody = r.named("Service", "scopehold-custody");
+    assert!(
+        custody["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "webhook" && p["port"] == 9444)
+    );
+
+    // A URL instead of the Service (API servers that cannot reach Services).
+    let r = render(&["proxyInjector.url=https://127.0.0.1:9444/mutate-pods"]);
+    let hook = &r.one("MutatingWebhookConfiguration")["webhooks"][0];
+    assert_eq!(
+        hook["clientConfig"]["url"],
+        "https://127.0.0.1:9444/mutate-pods"
+    );
+    assert!(hook["clientConfig"].get("service").is_none());
+
+    // Off, and off with plaintext custody (it serves with custody's certificate).
+    for sets in [
+        &["proxyInjector.enabled=false"][..],
+        &["custody.tls.enabled=false", "custody.plaintext=true"][..],
+    ] {
+        let r = render(sets);
+        assert!(r.all("MutatingWebhookConfiguration").is_empty(), "{sets:?}");
+        let args = strings(&container(r.one("Deployment"), "controller")["args"]);
+        assert!(!args.contains(&"--webhook-listen".to_string()), "{sets:?}");
+    }
+}
+
+#[test]
 fn network_policy_limits_custody_to_node_plugin_pods() {
     assert!(render(&[]).all("NetworkPolicy").is_empty());
     let r = render(&["networkPolicy.enabled=true"]);
@@ -1074,7 +1147,13 @@ fn network_policy_limits_custody_to_node_plugin_pods() {
     ));
     assert_eq!(strings(&np["spec"]["policyTypes"]), ["Ingress"]);
     let rules = np["spec"]["ingress"].as_array().unwrap();
-    assert_eq!(rules.len(), 2);
+    assert_eq!(rules.len(), 3);
+    // The API server calls the webhook from addresses a policy cannot name.
+    let webhook = rules
+        .iter()
+        .find(|r| r["ports"][0]["port"] == "webhook")
+        .unwrap();
+    assert!(webhook.get("from").is_none());
     let custody = rules
         .iter()
         .find(|r| r["ports"][0]["port"] == "custody")
@@ -1449,6 +1528,16 @@ fn ask(verb: &'static str, resource: &'static str, namespace: Option<&str>) -> A
     }
 }
 
+/// A question about one cluster-scoped object.
+fn ask_cluster_named(verb: &'static str, resource: &'static str, name: &'static str) -> Ask {
+    Ask {
+        verb,
+        resource,
+        namespace: None,
+        name: Some(name),
+    }
+}
+
 fn ask_named(
     verb: &'static str,
     resource: &'static str,
@@ -1732,8 +1821,45 @@ async fn controller_service_account_has_exactly_what_it_needs() {
         ask_named("get", "configmaps", ns, "scopehold-custody-ca"),
         ask_named("patch", "configmaps", ns, "scopehold-custody-ca"),
         ask_named("update", "configmaps", ns, "scopehold-custody-ca"),
+        // The proxy injector's configuration: its caBundle only.
+        ask_cluster_named(
+            "get",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+            "scopehold-proxy-injector",
+        ),
+        ask_cluster_named(
+            "patch",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+            "scopehold-proxy-injector",
+        ),
     ];
     let cannot = [
+        // No other webhook, and no removing its own.
+        ask_cluster_named(
+            "patch",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+            "some-other-webhook",
+        ),
+        ask_cluster_named(
+            "delete",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+            "scopehold-proxy-injector",
+        ),
+        ask(
+            "create",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+            None,
+        ),
+        ask(
+            "list",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+            None,
+        ),
+        ask(
+            "patch",
+            "validatingwebhookconfigurations.admissionregistration.k8s.io",
+            None,
+        ),
         // Secrets: read only, except its own TLS Secret.
         ask("create", "secrets", o),
         ask("update", "secrets", o),

@@ -86,6 +86,30 @@ struct ControllerArgs {
     custody: CustodyArgs,
     #[command(flatten)]
     lease: LeaseArgs,
+    #[command(flatten)]
+    webhook: WebhookArgs,
+}
+
+#[derive(clap::Args)]
+struct WebhookArgs {
+    /// Serve the proxy-sidecar admission webhook (HTTPS, custody's
+    /// certificate) on this address.
+    #[arg(long, env = "SCOPEHOLD_WEBHOOK_LISTEN")]
+    webhook_listen: Option<SocketAddr>,
+    /// MutatingWebhookConfiguration whose caBundle the controller keeps
+    /// equal to the custody CA (the chart's).
+    #[arg(long, env = "SCOPEHOLD_WEBHOOK_CONFIGURATION")]
+    webhook_configuration: Option<String>,
+    /// Image of the injected sidecar (the ScopeHold image).
+    #[arg(
+        long,
+        env = "SCOPEHOLD_PROXY_IMAGE",
+        default_value = "ghcr.io/scopehold/scopehold:latest"
+    )]
+    proxy_image: String,
+    /// Loopback port of the injected sidecar.
+    #[arg(long, env = "SCOPEHOLD_PROXY_PORT", default_value_t = 15001)]
+    proxy_port: u16,
 }
 
 #[derive(clap::Args)]
@@ -299,6 +323,8 @@ enum CliError {
     Lease(#[source] scopehold::controller::leader::LeaseError),
     #[error("custody TLS: {0}")]
     Tls(#[source] scopehold::custody::tls::TlsError),
+    #[error(transparent)]
+    Webhook(#[from] scopehold::webhook::WebhookError),
     #[error("connecting to Kubernetes: {0}")]
     Client(#[source] kube::Error),
     #[error("listening on {addr}: {source}")]
@@ -393,6 +419,17 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         )
         .await?;
         flush_on_exit = Some((events, resolutions));
+    }
+    if let Some(addr) = args.webhook.webhook_listen {
+        serve_webhook(
+            addr,
+            args.listen_reuse_port,
+            &args.webhook,
+            &args.custody,
+            client.clone(),
+            caches.clone(),
+        )
+        .await?;
     }
     let leadership = if args.lease.leader_election {
         let identity = args
@@ -494,20 +531,7 @@ async fn serve_custody(
         tracing::warn!("custody serves plaintext (--custody-plaintext): development only");
         None
     } else {
-        let (svc, ns) = (&args.custody_service_name, &args.custody_tls_namespace);
-        let mut sans = vec![
-            svc.clone(),
-            format!("{svc}.{ns}"),
-            format!("{svc}.{ns}.svc"),
-            format!("{svc}.{ns}.svc.cluster.local"),
-        ];
-        sans.extend(args.custody_tls_san.iter().cloned());
-        let settings = TlsSettings {
-            namespace: ns.clone(),
-            secret_name: args.custody_tls_secret.clone(),
-            configmap_name: args.custody_ca_configmap.clone(),
-            subject_alt_names: sans,
-        };
+        let settings = custody_tls_settings(args);
         let material = tls::ensure(&client, &settings)
             .await
             .map_err(CliError::Tls)?;
@@ -567,6 +591,66 @@ async fn serve_custody(
         }
     });
     Ok(resolutions)
+}
+
+/// Where custody's TLS material lives and the names it covers (the webhook
+/// serves with the same certificate).
+fn custody_tls_settings(args: &CustodyArgs) -> TlsSettings {
+    let (svc, ns) = (&args.custody_service_name, &args.custody_tls_namespace);
+    let mut sans = vec![
+        svc.clone(),
+        format!("{svc}.{ns}"),
+        format!("{svc}.{ns}.svc"),
+        format!("{svc}.{ns}.svc.cluster.local"),
+    ];
+    sans.extend(args.custody_tls_san.iter().cloned());
+    TlsSettings {
+        namespace: ns.clone(),
+        secret_name: args.custody_tls_secret.clone(),
+        configmap_name: args.custody_ca_configmap.clone(),
+        subject_alt_names: sans,
+    }
+}
+
+/// Binds the admission webhook and serves it in the background; keeps the
+/// webhook configuration's CA bundle current when one is named.
+async fn serve_webhook(
+    addr: SocketAddr,
+    reuse_port: bool,
+    args: &WebhookArgs,
+    custody: &CustodyArgs,
+    client: kube::Client,
+    caches: scopehold::caches::Caches,
+) -> Result<(), CliError> {
+    let material = tls::ensure(&client, &custody_tls_settings(custody))
+        .await
+        .map_err(CliError::Tls)?;
+    let config = scopehold::webhook::tls_config(&material.cert_pem, &material.key_pem)?;
+    let listener =
+        bind_tcp(addr, reuse_port).map_err(|source| CliError::Listen { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(webhook_addr = %bound, "admission webhook serving");
+    if let Some(name) = args.webhook_configuration.clone() {
+        tokio::spawn(scopehold::webhook::ca_bundle::keep(
+            client,
+            name,
+            material.ca_pem,
+            std::time::Duration::from_secs(30),
+        ));
+    }
+    let webhook = Arc::new(scopehold::webhook::Webhook {
+        caches,
+        sidecar: scopehold::proxy::pod::SidecarSettings {
+            image: args.proxy_image.clone(),
+            port: args.proxy_port,
+        },
+    });
+    tokio::spawn(async move {
+        if let Err(error) = scopehold::webhook::serve(listener, config, webhook).await {
+            tracing::error!(%error, "admission webhook stopped");
+        }
+    });
+    Ok(())
 }
 
 async fn run_node(args: NodeArgs) -> Result<(), CliError> {

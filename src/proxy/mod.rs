@@ -8,6 +8,7 @@ pub mod audit;
 pub mod ca;
 pub mod inject;
 pub mod pod;
+pub mod render;
 pub mod rules;
 pub mod scrub;
 pub mod server;

@@ -50,6 +50,15 @@ pub enum InjectError {
     #[error("the pod has no spec")]
     NoSpec,
     #[error(
+        "no AgentIdentity in namespace {namespace:?} claims ServiceAccount {service_account:?}"
+    )]
+    NoIdentity {
+        namespace: String,
+        service_account: String,
+    },
+    #[error("two AgentIdentities claim ServiceAccount {service_account:?}; neither resolves")]
+    IdentityConflict { service_account: String },
+    #[error(
         "agent {agent:?} has no active SecretGrant with delivery: proxy in namespace {namespace:?}; grant one before starting the pod"
     )]
     NoProxyGrants { agent: String, namespace: String },
@@ -193,36 +202,17 @@ pub fn inject(
         ..Default::default()
     };
     init.insert(0, sidecar);
-    let proxy_url = format!("http://{listen}");
-    let bundle = format!("{AGENT_MOUNT}/{}", super::BUNDLE_FILE);
-    let agent_env = [
-        ("HTTPS_PROXY", proxy_url.as_str()),
-        ("HTTP_PROXY", proxy_url.as_str()),
-        // curl and others read only the lower-case names.
-        ("https_proxy", proxy_url.as_str()),
-        ("http_proxy", proxy_url.as_str()),
-        ("NO_PROXY", "localhost,127.0.0.1"),
-        ("no_proxy", "localhost,127.0.0.1"),
-        ("SSL_CERT_FILE", bundle.as_str()),
-        ("NODE_EXTRA_CA_CERTS", bundle.as_str()),
-        ("REQUESTS_CA_BUNDLE", bundle.as_str()),
-        ("CURL_CA_BUNDLE", bundle.as_str()),
-        ("GIT_SSL_CAINFO", bundle.as_str()),
-        (
-            "SCOPEHOLD_PLACEHOLDERS",
-            &format!("{AGENT_MOUNT}/placeholders"),
-        ),
-    ];
+    let agent_env = agent_env(settings);
     let agents = spec
         .containers
         .iter_mut()
         .chain(spec.init_containers.iter_mut().flatten().skip(1));
     for c in agents {
         let envs = c.env.get_or_insert_with(Vec::new);
-        for (name, value) in agent_env {
+        for (name, value) in &agent_env {
             // The pod's own setting is replaced: a proxy variable pointing
             // elsewhere would bypass injection (and the allow-list).
-            envs.retain(|e| e.name != name);
+            envs.retain(|e| e.name != *name);
             envs.push(env(name, value));
         }
         c.volume_mounts
@@ -241,42 +231,139 @@ pub fn inject(
     Ok(pod)
 }
 
-/// An RFC 6902 patch from `before` to `after` for the fields `inject`
-/// changes (what the webhook returns).
-pub fn json_patch(before: &Pod, after: &Pod) -> Result<serde_json::Value, serde_json::Error> {
-    let b = serde_json::to_value(before)?;
+/// The proxy and CA variables of the agent containers.
+fn agent_env(settings: &SidecarSettings) -> Vec<(&'static str, String)> {
+    let proxy_url = format!("http://127.0.0.1:{}", settings.port);
+    let bundle = format!("{AGENT_MOUNT}/{}", super::BUNDLE_FILE);
+    vec![
+        ("HTTPS_PROXY", proxy_url.clone()),
+        ("HTTP_PROXY", proxy_url.clone()),
+        // curl and others read only the lower-case names.
+        ("https_proxy", proxy_url.clone()),
+        ("http_proxy", proxy_url),
+        ("NO_PROXY", "localhost,127.0.0.1".into()),
+        ("no_proxy", "localhost,127.0.0.1".into()),
+        ("SSL_CERT_FILE", bundle.clone()),
+        ("NODE_EXTRA_CA_CERTS", bundle.clone()),
+        ("REQUESTS_CA_BUNDLE", bundle.clone()),
+        ("CURL_CA_BUNDLE", bundle.clone()),
+        ("GIT_SSL_CAINFO", bundle),
+        (
+            "SCOPEHOLD_PLACEHOLDERS",
+            format!("{AGENT_MOUNT}/placeholders"),
+        ),
+    ]
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PatchError {
+    #[error("encoding the changed pod: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("the changed pod lacks {0}")]
+    Missing(&'static str),
+}
+
+/// The RFC 6902 patch the webhook returns: the change `inject` made to
+/// `after`, expressed against the pod as the API server sent it (`raw`).
+/// Only additions and the agents' `env` lists are written, so fields of the
+/// pod that our Kubernetes types do not know survive untouched.
+pub fn admission_patch(
+    raw: &serde_json::Value,
+    after: &Pod,
+    settings: &SidecarSettings,
+) -> Result<serde_json::Value, PatchError> {
+    use serde_json::{Value, json};
     let a = serde_json::to_value(after)?;
+    let add = |path: String, value: Value| json!({"op": "add", "path": path, "value": value});
     let mut ops = Vec::new();
-    let fields = [
-        (
-            "/metadata/annotations",
-            &b["metadata"]["annotations"],
-            &a["metadata"]["annotations"],
-        ),
-        (
-            "/spec/volumes",
-            &b["spec"]["volumes"],
-            &a["spec"]["volumes"],
-        ),
-        (
-            "/spec/initContainers",
-            &b["spec"]["initContainers"],
-            &a["spec"]["initContainers"],
-        ),
-        (
-            "/spec/containers",
-            &b["spec"]["containers"],
-            &a["spec"]["containers"],
-        ),
-    ];
-    for (path, old, new) in fields {
-        if old == new {
-            continue;
-        }
-        let op = if old.is_null() { "add" } else { "replace" };
-        ops.push(serde_json::json!({"op": op, "path": path, "value": new}));
+    let injected = a
+        .pointer("/metadata/annotations")
+        .and_then(|v| v.get(INJECTED_ANNOTATION))
+        .ok_or(PatchError::Missing("the injected annotation"))?;
+    if raw
+        .pointer("/metadata/annotations")
+        .is_some_and(Value::is_object)
+    {
+        let key = INJECTED_ANNOTATION.replace('~', "~0").replace('/', "~1");
+        ops.push(add(
+            format!("/metadata/annotations/{key}"),
+            injected.clone(),
+        ));
+    } else {
+        let mut only = serde_json::Map::new();
+        only.insert(INJECTED_ANNOTATION.into(), injected.clone());
+        ops.push(add("/metadata/annotations".into(), Value::Object(only)));
     }
-    Ok(serde_json::Value::Array(ops))
+    let new_volumes: Vec<Value> = a
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|v| v["name"] == VALUES_VOLUME || v["name"] == AGENT_VOLUME)
+        .cloned()
+        .collect();
+    if raw.pointer("/spec/volumes").is_some_and(Value::is_array) {
+        for v in new_volumes {
+            ops.push(add("/spec/volumes/-".into(), v));
+        }
+    } else {
+        ops.push(add("/spec/volumes".into(), Value::Array(new_volumes)));
+    }
+    let sidecar = a
+        .pointer("/spec/initContainers/0")
+        .filter(|c| c["name"] == SIDECAR_NAME)
+        .ok_or(PatchError::Missing("the sidecar"))?
+        .clone();
+    if raw
+        .pointer("/spec/initContainers")
+        .is_some_and(Value::is_array)
+    {
+        ops.push(add("/spec/initContainers/0".into(), sidecar));
+    } else {
+        ops.push(add("/spec/initContainers".into(), json!([sidecar])));
+    }
+    let names: Vec<&str> = agent_env(settings).iter().map(|(n, _)| *n).collect();
+    // Init containers move one place down behind the sidecar.
+    for (list, offset) in [("containers", 0), ("initContainers", 1)] {
+        let raw_list = raw
+            .pointer(&format!("/spec/{list}"))
+            .and_then(Value::as_array);
+        for (i, container) in raw_list.into_iter().flatten().enumerate() {
+            let at = format!("/spec/{list}/{}", i + offset);
+            let changed = a
+                .pointer(&at)
+                .ok_or(PatchError::Missing("an agent container"))?;
+            let is_ours = |e: &&Value| e["name"].as_str().is_some_and(|n| names.contains(&n));
+            let env: Vec<Value> = container["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| !is_ours(e))
+                .chain(
+                    changed["env"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(is_ours),
+                )
+                .cloned()
+                .collect();
+            ops.push(add(format!("{at}/env"), Value::Array(env)));
+            let mount = changed["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["name"] == AGENT_VOLUME)
+                .ok_or(PatchError::Missing("the agent volume mount"))?
+                .clone();
+            if container["volumeMounts"].is_array() {
+                ops.push(add(format!("{at}/volumeMounts/-"), mount));
+            } else {
+                ops.push(add(format!("{at}/volumeMounts"), json!([mount])));
+            }
+        }
+    }
+    Ok(Value::Array(ops))
 }
 
 #[cfg(test)]
@@ -371,8 +458,39 @@ mod tests {
             inject(&out, &rules(), &SidecarSettings::default()).unwrap(),
             out
         );
-        let patch = json_patch(&pod(), &out).unwrap();
-        assert_eq!(patch.as_array().unwrap().len(), 4);
+        // The webhook's patch, applied to the pod as sent, gives the same
+        // pod, and keeps what our types do not know.
+        let mut raw = serde_json::to_value(pod()).unwrap();
+        raw["spec"]["containers"][0]["futureField"] = "kept".into();
+        let patch = admission_patch(&raw, &out, &SidecarSettings::default()).unwrap();
+        let mut patched = raw.clone();
+        apply(&mut patched, &patch);
+        assert_eq!(patched["spec"]["containers"][0]["futureField"], "kept");
+        patched["spec"]["containers"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("futureField");
+        assert_eq!(patched, serde_json::to_value(&out).unwrap());
+    }
+
+    /// RFC 6902 `add` (the only op the webhook uses), for the test.
+    fn apply(doc: &mut serde_json::Value, patch: &serde_json::Value) {
+        for op in patch.as_array().unwrap() {
+            assert_eq!(op["op"], "add");
+            let path = op["path"].as_str().unwrap();
+            let (parent, last) = path.rsplit_once('/').unwrap();
+            let last = last.replace("~1", "/").replace("~0", "~");
+            let target = doc.pointer_mut(parent).unwrap();
+            let value = op["value"].clone();
+            match target {
+                serde_json::Value::Array(items) if last == "-" => items.push(value),
+                serde_json::Value::Array(items) => items.insert(last.parse().unwrap(), value),
+                serde_json::Value::Object(map) => {
+                    map.insert(last, value);
+                }
+                other => panic!("cannot add into {other}"),
+            }
+        }
     }
 
     #[test]

@@ -96,6 +96,24 @@ Custody: Service name, TLS object names, and the address node plugins dial.
 {{- end }}
 
 {{/*
+The proxy-sidecar admission webhook: its configuration's name, and whether it
+runs (it serves with custody's certificate, so it needs custody TLS).
+*/}}
+{{- define "scopehold.proxyInjectorName" -}}
+{{- printf "%s-proxy-injector" (include "scopehold.fullname" .) }}
+{{- end }}
+
+{{- define "scopehold.proxyInjectorCondition" -}}
+has(object.metadata.annotations) && 'scopehold.dev/inject' in object.metadata.annotations && object.metadata.annotations['scopehold.dev/inject'] == 'proxy'
+{{- end }}
+
+{{- define "scopehold.proxyInjectorEnabled" -}}
+{{- if and .Values.proxyInjector.enabled (ne (include "scopehold.custodyPlaintext" .) "true") }}
+{{- "true" }}
+{{- end }}
+{{- end }}
+
+{{/*
 Whether custody runs in plaintext. Refuses inconsistent values instead of guessing:
 plaintext needs both tls.enabled=false and plaintext=true.
 */}}

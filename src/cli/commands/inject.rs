@@ -5,14 +5,13 @@
 use std::io::Read as _;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::ResourceExt;
 use kube::api::ListParams;
 
 use crate::cli::args::InjectArgs;
 use crate::cli::error::{CliError, api};
 use crate::cli::{Ctx, OutputFormat};
 use crate::proxy::pod::{SidecarSettings, inject};
-use crate::proxy::rules::ProxyRules;
+use crate::proxy::render::{rules_for, service_account};
 
 pub async fn run(ctx: &Ctx, args: &InjectArgs) -> Result<(), CliError> {
     let mut text = String::new();
@@ -29,42 +28,21 @@ pub async fn run(ctx: &Ctx, args: &InjectArgs) -> Result<(), CliError> {
         .namespace
         .clone()
         .unwrap_or_else(|| ctx.namespace.clone());
-    let service_account = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .unwrap_or_else(|| "default".into());
+    let service_account = service_account(&pod);
     let identities =
         kube::Api::<crate::api::AgentIdentity>::namespaced(ctx.client.clone(), &namespace)
             .list(&ListParams::default())
             .await
             .map_err(api("listing AgentIdentities"))?;
-    let mut claiming = identities
-        .items
-        .into_iter()
-        .filter(|i| i.spec.service_account_name == service_account);
-    let identity = match (claiming.next(), claiming.next()) {
-        (Some(one), None) => one,
-        (None, _) => {
-            return Err(CliError::invalid(format!(
-                "no AgentIdentity in namespace {namespace:?} claims ServiceAccount {service_account:?}"
-            )));
-        }
-        (Some(_), Some(_)) => {
-            return Err(CliError::invalid(format!(
-                "two AgentIdentities claim ServiceAccount {service_account:?}; neither resolves"
-            )));
-        }
-    };
     let grants = kube::Api::<crate::api::SecretGrant>::namespaced(ctx.client.clone(), &namespace)
         .list(&ListParams::default())
         .await
         .map_err(api("listing SecretGrants"))?;
-    let rules = ProxyRules::from_grants(
+    let rules = rules_for(
         &namespace,
-        &identity.name_any(),
+        &service_account,
+        &identities.items,
         &grants.items,
-        identity.spec.egress_allow_list.clone(),
     )
     .map_err(|e| CliError::invalid(e.to_string()))?;
     let settings = SidecarSettings {
