@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, watch};
 use crate::api::{AgentIdentity, SecretGrant};
 use crate::policy::store_index::StoreIndex;
 use crate::secrets::SecretCache;
+use crate::store_versions::{StoreVersions, Versions};
 
 /// Read side, cheap to clone.
 #[derive(Clone)]
@@ -25,6 +26,9 @@ pub struct Caches {
     synced: watch::Receiver<bool>,
     /// Names by agent, Secret and ServiceAccount, kept by the watch streams.
     index: Arc<RwLock<StoreIndex>>,
+    /// The resourceVersion each watch has applied to the stores (custody's
+    /// Resolve answers carry it; see [`crate::store_versions`]).
+    pub versions: Arc<StoreVersions>,
 }
 
 /// What kind of change happened.
@@ -48,6 +52,9 @@ pub struct Change {
     pub grant: Option<String>,
     pub secret: Option<String>,
     pub content_digest: Option<String>,
+    /// The version of the watch event that caused it, in that event's kind
+    /// (all 0: unknown).
+    pub versions: Versions,
 }
 
 impl Change {
@@ -59,6 +66,7 @@ impl Change {
             grant: None,
             secret: None,
             content_digest: None,
+            versions: Versions::default(),
         }
     }
 }
@@ -86,6 +94,7 @@ pub fn new() -> (Caches, CacheWriters) {
         changes: broadcast::channel(CHANGE_BUFFER).0,
         synced: sync.subscribe(),
         index: Arc::default(),
+        versions: Arc::default(),
     };
     let writers = CacheWriters {
         grants: grant_writer,

@@ -19,5 +19,6 @@ pub mod policy;
 pub mod proto;
 pub mod proxy;
 pub mod secrets;
+pub mod store_versions;
 pub mod telemetry;
 pub mod webhook;

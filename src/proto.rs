@@ -239,6 +239,7 @@ mod tests {
                 ..Default::default()
             }],
             refresh_after_seconds: 0,
+            versions: None,
         };
         let shown = format!("{response:?}");
         assert!(!shown.contains("do-not-print-me"), "{shown}");
@@ -282,6 +283,7 @@ mod tests {
                 files: vec![],
             }],
             refresh_after_seconds: 30,
+            versions: None,
         };
         let decoded = custody::ResolveResponse::decode(response.encode_to_vec().as_slice())?;
         assert_eq!(decoded, response);

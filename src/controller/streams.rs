@@ -19,6 +19,7 @@ use super::watch_health::{Probe, WatchHealth, watch_with_health};
 use crate::api::{AgentIdentity, SecretGrant};
 use crate::caches::{Caches, Change, ChangeKind, SyncTracker};
 use crate::secrets::CachedSecret;
+use crate::store_versions::{Versions, Watched, parse_resource_version};
 
 /// Watches `K` as untyped objects and converts each one, so that a single
 /// malformed object is reported and skipped instead of failing the whole list
@@ -128,6 +129,28 @@ where
 /// changes to announce at its end.
 type Relist<P> = (HashSet<(String, String)>, Vec<P>);
 
+/// An object's resourceVersion as a number (0: unknown).
+fn version_of<K: Resource>(object: &K) -> u64 {
+    parse_resource_version(object.meta().resource_version.as_deref()).unwrap_or(0)
+}
+
+/// The highest version a (re)list has shown so far. Listed objects come in
+/// name order, not version order, so the watch's version advances to it
+/// only when the list is complete (and the store swapped it in).
+#[derive(Default)]
+struct ListedVersion(u64);
+
+impl ListedVersion {
+    fn saw(&mut self, version: u64) {
+        self.0 = self.0.max(version);
+    }
+
+    /// Advances `kind` to the highest listed version and starts over.
+    fn complete(&mut self, caches: &Caches, kind: Watched) {
+        caches.versions.advance(kind, std::mem::take(&mut self.0));
+    }
+}
+
 /// What the grant stream last saw of a grant: enough to announce its
 /// disappearance when a relist no longer lists it.
 #[derive(Clone)]
@@ -146,6 +169,8 @@ struct PendingGrant {
     known: KnownGrant,
     digest: Option<String>,
     kind: Option<ChangeKind>,
+    /// The grant watch's version of the change.
+    version: u64,
 }
 
 /// Tells the node plugins (through `caches.changes`) and the identity
@@ -162,9 +187,11 @@ fn announce_grant(
         known,
         digest,
         kind,
+        version,
     } = pending;
     if let Some(kind) = kind {
         let mut change = Change::new(kind, &ns);
+        change.versions = Versions::of(Watched::Grants, version);
         change.agent = Some(known.agent.clone());
         change.grant = Some(name);
         change.secret = Some(known.secret.clone());
@@ -197,6 +224,7 @@ pub(super) fn grants(
     let mut seen: HashMap<(String, String), KnownGrant> = HashMap::new();
     // During a (re)list: the keys listed so far and the changes to announce.
     let mut relist: Option<Relist<PendingGrant>> = None;
+    let mut listed_version = ListedVersion::default();
     let mut listed_once = false;
     typed_watch::<SecretGrant>(client, namespace, wc, health)
         .reflect(writer)
@@ -206,6 +234,7 @@ pub(super) fn grants(
                 Event::Apply(g) => (g, false),
                 Event::Delete(g) => (g, true),
                 Event::InitApply(g) => {
+                    listed_version.saw(version_of(g));
                     let Some(ns) = g.namespace() else { return };
                     let key = (ns.clone(), g.name_any());
                     let known = KnownGrant {
@@ -225,16 +254,19 @@ pub(super) fn grants(
                             known,
                             digest: g.status.as_ref().and_then(|s| s.content_digest.clone()),
                             kind,
+                            version: version_of(g),
                         });
                     }
                     return;
                 }
                 Event::Init => {
                     relist = Some(Default::default());
+                    listed_version = ListedVersion::default();
                     return;
                 }
                 Event::InitDone => {
                     let (listed, pending) = relist.take().unwrap_or_default();
+                    listed_version.complete(&caches, Watched::Grants);
                     if listed_once {
                         let vanished: Vec<(String, String)> =
                             seen.keys().filter(|k| !listed.contains(*k)).cloned().collect();
@@ -242,12 +274,15 @@ pub(super) fn grants(
                             let Some(known) = seen.remove(&key) else { continue };
                             tracing::info!(namespace = %key.0, grant = %key.1, "grant deleted while the watch was down");
                             let (namespace, name) = key;
+                            // The list's own version is not known here: the
+                            // highest listed one stands for it.
                             let gone = PendingGrant {
                                 namespace,
                                 name,
                                 known,
                                 digest: None,
                                 kind: Some(ChangeKind::Deleted),
+                                version: caches.versions.get(Watched::Grants),
                             };
                             announce_grant(&caches, &identity_tx, gone, true);
                         }
@@ -259,6 +294,7 @@ pub(super) fn grants(
                     return sync.grants_listed();
                 }
             };
+            caches.versions.advance(Watched::Grants, version_of(grant));
             let Some(ns) = grant.namespace() else { return };
             let key = (ns.clone(), grant.name_any());
             let known = KnownGrant {
@@ -288,6 +324,7 @@ pub(super) fn grants(
                 known,
                 digest: grant.status.as_ref().and_then(|s| s.content_digest.clone()),
                 kind,
+                version: version_of(grant),
             };
             announce_grant(&caches, &identity_tx, change, deleted);
         })
@@ -302,6 +339,8 @@ struct PendingIdentity {
     previous: Option<IdentitySnapshot>,
     kind: Option<ChangeKind>,
     deleted: bool,
+    /// The identity watch's version of the change.
+    version: u64,
 }
 
 /// Tells the node plugins about an identity change the store already holds,
@@ -320,6 +359,7 @@ fn announce_identity(
         previous,
         kind,
         deleted,
+        version,
     } = change;
     let changed = deleted || previous.as_ref() != Some(&snapshot);
     let mut service_accounts = vec![snapshot.service_account.clone()];
@@ -350,6 +390,7 @@ fn announce_identity(
                 ChangeKind::Changed
             };
             let mut change = Change::new(peer_kind, &ns);
+            change.versions = Versions::of(Watched::Identities, version);
             change.agent = Some(agent.clone());
             caches.publish(change);
         }
@@ -385,6 +426,7 @@ pub(super) fn identities(
     // former peers, and only real changes reach the node plugins.
     let mut seen: HashMap<(String, String), IdentitySnapshot> = HashMap::new();
     let mut relist: Option<Relist<PendingIdentity>> = None;
+    let mut listed_version = ListedVersion::default();
     let mut listed_once = false;
     typed_watch::<AgentIdentity>(client, namespace, wc, health)
         .reflect(writer)
@@ -394,6 +436,7 @@ pub(super) fn identities(
                 Event::Apply(i) => (i, false),
                 Event::Delete(i) => (i, true),
                 Event::InitApply(i) => {
+                    listed_version.saw(version_of(i));
                     let Some(ns) = i.namespace() else { return };
                     let key = (ns, i.name_any());
                     let snapshot = IdentitySnapshot::of(i);
@@ -409,16 +452,19 @@ pub(super) fn identities(
                             previous,
                             kind,
                             deleted: false,
+                            version: version_of(i),
                         });
                     }
                     return;
                 }
                 Event::Init => {
                     relist = Some(Default::default());
+                    listed_version = ListedVersion::default();
                     return;
                 }
                 Event::InitDone => {
                     let (listed, pending) = relist.take().unwrap_or_default();
+                    listed_version.complete(&caches, Watched::Identities);
                     if listed_once {
                         let vanished: Vec<(String, String)> =
                             seen.keys().filter(|k| !listed.contains(*k)).cloned().collect();
@@ -433,6 +479,7 @@ pub(super) fn identities(
                                 previous: Some(snapshot),
                                 kind: Some(ChangeKind::Deleted),
                                 deleted: true,
+                                version: caches.versions.get(Watched::Identities),
                             };
                             announce_identity(&caches, &identity_tx, &grant_tx, gone);
                         }
@@ -444,6 +491,7 @@ pub(super) fn identities(
                     return sync.identities_listed();
                 }
             };
+            caches.versions.advance(Watched::Identities, version_of(identity));
             let Some(ns) = identity.namespace() else {
                 return;
             };
@@ -463,6 +511,7 @@ pub(super) fn identities(
                 previous,
                 kind,
                 deleted,
+                version: version_of(identity),
             };
             announce_identity(&caches, &identity_tx, &grant_tx, change);
         })
@@ -477,9 +526,11 @@ fn announce_secret(
     ns: &str,
     name: &str,
     kind: ChangeKind,
+    version: u64,
 ) {
     for grant in caches.grants_for_secret(ns, name) {
         let mut change = Change::new(kind, ns);
+        change.versions = Versions::of(Watched::Secrets, version);
         change.agent = Some(grant.spec.agent.clone());
         change.grant = Some(grant.name_any());
         change.secret = Some(name.to_owned());
@@ -510,6 +561,7 @@ pub(super) async fn secrets(
     let events = watch_with_health("secrets", health, probe, watcher(api, wc));
     let mut events = events.boxed();
     let mut listed: Option<HashSet<(String, String)>> = None;
+    let mut listed_version = ListedVersion::default();
     let mut listed_once = false;
     while let Some(item) = events.next().await {
         let Ok(event) = item else {
@@ -520,10 +572,12 @@ pub(super) async fn secrets(
             Event::Apply(s) | Event::Delete(s) | Event::InitApply(s) => s,
             Event::Init => {
                 listed = Some(HashSet::new());
+                listed_version = ListedVersion::default();
                 continue;
             }
             Event::InitDone => {
                 let seen = listed.take().unwrap_or_default();
+                listed_version.complete(&caches, Watched::Secrets);
                 if listed_once {
                     for (ns, name) in cache.names() {
                         if seen.contains(&(ns.clone(), name.clone())) {
@@ -531,7 +585,15 @@ pub(super) async fn secrets(
                         }
                         tracing::info!(namespace = %ns, secret = %name, "granted Secret deleted while the watch was down");
                         cache.remove(&ns, &name);
-                        announce_secret(&caches, &grant_tx, &ns, &name, ChangeKind::Deleted);
+                        let version = caches.versions.get(Watched::Secrets);
+                        announce_secret(
+                            &caches,
+                            &grant_tx,
+                            &ns,
+                            &name,
+                            ChangeKind::Deleted,
+                            version,
+                        );
                     }
                 }
                 listed_once = true;
@@ -544,10 +606,12 @@ pub(super) async fn secrets(
         ) else {
             continue;
         };
+        let version = version_of(secret);
         if matches!(event, Event::InitApply(_)) {
             listed
                 .get_or_insert_with(HashSet::new)
                 .insert((ns.clone(), name.clone()));
+            listed_version.saw(version);
         }
         // Most Secrets in a cluster are granted to nobody: one index lookup.
         let granted = !caches.grants_for_secret(&ns, &name).is_empty();
@@ -563,6 +627,13 @@ pub(super) async fn secrets(
         } else {
             false
         };
+        // The cache holds the event now: the version advances before the
+        // change is announced, so that an answer from this replica is never
+        // older than its own invalidation. A listed Secret counts only at
+        // the list's end (lists come in name order, not version order).
+        if !matches!(event, Event::InitApply(_)) {
+            caches.versions.advance(Watched::Secrets, version);
+        }
         // The cache above is updated at once (it is not a reflector store),
         // so relisted changes are announced at once too; the first list
         // announces nothing.
@@ -573,7 +644,7 @@ pub(super) async fn secrets(
             } else {
                 ChangeKind::Rotated
             };
-            announce_secret(&caches, &grant_tx, &ns, &name, kind);
+            announce_secret(&caches, &grant_tx, &ns, &name, kind, version);
         }
     }
 }

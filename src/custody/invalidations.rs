@@ -15,6 +15,7 @@ use crate::api::{AgentIdentity, SecretGrant};
 use crate::caches::{Caches, Change, ChangeKind};
 use crate::policy::evaluate::{AgentState, SecretState, evaluate_grant};
 use crate::proto::scopehold::v1 as pb;
+use crate::store_versions::Versions;
 
 pub type InvalidationStream =
     Pin<Box<dyn Stream<Item = Result<pb::Invalidation, Status>> + Send + 'static>>;
@@ -54,7 +55,17 @@ pub fn to_proto(change: Change) -> pb::Invalidation {
         secret: change.secret.unwrap_or_default(),
         content_digest: change.content_digest.unwrap_or_default(),
         occurred_at: Some(timestamp_now()),
+        versions: versions_to_proto(change.versions),
     }
+}
+
+/// `versions` on the wire; absent when nothing is known.
+pub fn versions_to_proto(versions: Versions) -> Option<pb::StoreVersions> {
+    (versions != Versions::default()).then_some(pb::StoreVersions {
+        grants: versions.grants,
+        identities: versions.identities,
+        secrets: versions.secrets,
+    })
 }
 
 /// A RESYNC first (the plugin may have missed changes while disconnected),

@@ -261,6 +261,8 @@ impl CustodyService {
             check_pod_object(claims, pod, node)?;
         }
 
+        // Before the stores are read: the answer is at least this new.
+        let versions = self.caches.versions.snapshot();
         let identity = decide::select_identity(
             self.caches
                 .identities_claiming(&claims.namespace, &claims.service_account),
@@ -303,6 +305,7 @@ impl CustodyService {
             agent: agent.clone(),
             grants: Vec::new(),
             refresh_after_seconds: 0,
+            versions: invalidations::versions_to_proto(versions),
         };
         let mut earliest_expiry: Option<Timestamp> = None;
         for (grant, evaluation) in &chosen {

@@ -2,7 +2,10 @@
 //! API server: `cut` severs every connection through it and refuses new ones (a
 //! partition, as the process sees it), `stall` keeps every connection open but
 //! moves no more bytes (an API server that hangs), `restore` lets connections
-//! through again.
+//! through again. `hold_replies` makes the connections accepted from then on
+//! pass the client's bytes but keep the server's until `release_replies`: an
+//! answer decided now that arrives late, while older connections (a stream
+//! opened before) go on as they were.
 //! TLS passes through untouched (the API server's certificate is for 127.0.0.1).
 
 use std::net::SocketAddr;
@@ -24,6 +27,8 @@ pub struct TcpProxy {
     /// `127.0.0.1:PORT` to connect to instead of the upstream.
     pub addr: SocketAddr,
     open: Arc<watch::Sender<Mode>>,
+    /// Whether connections accepted now hold the server's bytes.
+    hold: Arc<watch::Sender<bool>>,
     upstream: Arc<std::sync::Mutex<SocketAddr>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -34,9 +39,11 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(watch::channel(Mode::Open).0);
+        let hold = Arc::new(watch::channel(false).0);
         let upstream = Arc::new(std::sync::Mutex::new(upstream));
         let task = tokio::spawn({
             let open = open.clone();
+            let hold = hold.clone();
             let upstream = upstream.clone();
             async move {
                 loop {
@@ -62,13 +69,13 @@ impl TcpProxy {
                     }
                     let to = *upstream.lock().unwrap();
                     let mut mode = open.subscribe();
+                    let held = (*hold.borrow()).then(|| hold.subscribe());
                     tokio::spawn(async move {
                         let Ok(outbound) = TcpStream::connect(to).await else {
                             return;
                         };
-                        let (mut a, mut b) = (inbound, outbound);
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                            _ = forward(inbound, outbound, held) => {}
                             _ = mode.wait_for(|m| *m != Mode::Open) => {}
                         }
                         if *mode.borrow() == Mode::Stalled {
@@ -83,9 +90,23 @@ impl TcpProxy {
         TcpProxy {
             addr,
             open,
+            hold,
             upstream,
             task,
         }
+    }
+
+    /// Connections accepted from now on pass the client's bytes at once but
+    /// hold the server's until [`Self::release_replies`]. Connections
+    /// accepted before are not affected.
+    pub fn hold_replies(&self) {
+        self.hold.send_replace(true);
+    }
+
+    /// Delivers what the held connections' servers sent, and lets them (and
+    /// new connections) flow freely again.
+    pub fn release_replies(&self) {
+        self.hold.send_replace(false);
     }
 
     /// Severs every connection through the proxy and refuses new ones.
@@ -121,6 +142,29 @@ impl TcpProxy {
         std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
         path
     }
+}
+
+/// Copies both ways until both sides are done; with `held`, the server's
+/// bytes wait until it turns false.
+async fn forward(inbound: TcpStream, outbound: TcpStream, held: Option<watch::Receiver<bool>>) {
+    use tokio::io::AsyncWriteExt;
+    let (mut a, mut b) = (inbound, outbound);
+    let Some(mut held) = held else {
+        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+        return;
+    };
+    let (mut client_read, mut client_write) = a.split();
+    let (mut server_read, mut server_write) = b.split();
+    let up = async {
+        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+        let _ = server_write.shutdown().await;
+    };
+    let down = async {
+        let _ = held.wait_for(|held| !*held).await;
+        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(up, down);
 }
 
 impl Drop for TcpProxy {

@@ -11,6 +11,8 @@
 //! - [`work`]: per-volume work queues.
 //! - [`payload`]: custody's answer checked and turned into files.
 //! - [`push`]: the invalidation stream from custody.
+//! - [`order`]: an answer from custody older than an invalidation already
+//!   applied to the volume is asked again, never applied.
 //! - [`expiry`]: the local timer that withdraws expired grants.
 //! - [`resolver`]: the custody client behind the [`resolver::Resolver`] seam.
 //! - [`reports`]: what the plugin changed in running pods, sent to custody
@@ -20,6 +22,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub mod expiry;
+pub mod order;
 pub mod payload;
 pub mod push;
 pub mod reports;
@@ -80,6 +83,7 @@ pub struct NodeService<R> {
     pub(crate) work: WorkQueue,
     pub(crate) custody_permits: Arc<tokio::sync::Semaphore>,
     pub(crate) reports: ReportSink,
+    pub(crate) floors: order::Floors,
 }
 
 impl<R> Clone for NodeService<R> {
@@ -94,6 +98,7 @@ impl<R> Clone for NodeService<R> {
             work: self.work.clone(),
             custody_permits: self.custody_permits.clone(),
             reports: self.reports.clone(),
+            floors: self.floors.clone(),
         }
     }
 }
@@ -158,6 +163,7 @@ impl<R: Resolver> NodeService<R> {
             work: WorkQueue::default(),
             custody_permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CUSTODY_CALLS)),
             reports: ReportSink::default(),
+            floors: order::Floors::default(),
         }
     }
 

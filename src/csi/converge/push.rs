@@ -181,6 +181,9 @@ pub fn apply<R: Resolver>(service: &NodeService<R>, invalidation: &Invalidation)
     let mut matched = 0_usize;
     for volume in service.volumes().entries() {
         if let Some(work) = plan(invalidation, &volume) {
+            // Before the work is queued: an answer in flight for this
+            // volume that predates the change must not be applied.
+            service.floors.record(&volume.volume_id, invalidation);
             service.enqueue(&volume.volume_id, work);
             matched += 1;
         }
@@ -323,6 +326,7 @@ mod tests {
             secret: String::new(),
             content_digest: digest.to_owned(),
             occurred_at: None,
+            versions: None,
         }
     }
 

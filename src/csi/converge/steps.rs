@@ -368,7 +368,7 @@ impl<R: Resolver> NodeService<R> {
             grants: grants.to_vec(),
             fs_group: entry.fs_group.map(i64::from),
         };
-        self.resolver.resolve(request).await
+        self.resolve_in_order(&entry.volume_id, request).await
     }
 
     /// Without a token: withdraws the files of every grant custody reports

@@ -49,6 +49,7 @@ fn invalidation(kind: Kind, agent: &str, grant: &str, digest: &str) -> Invalidat
         secret: String::new(),
         content_digest: digest.to_owned(),
         occurred_at: None,
+        versions: None,
     }
 }
 
@@ -132,6 +133,7 @@ async fn rotation_and_reinstatement_re_resolve_with_the_held_token() -> TestResu
             ),
         ],
         refresh_after_seconds: 0,
+        versions: None,
     }));
     push::apply(
         &fixture.service,
@@ -173,6 +175,7 @@ async fn a_revocation_during_a_refresh_is_applied_after_it() -> TestResult {
             &[("gh-token", SECRET_B, 0o400)],
         )],
         refresh_after_seconds: 0,
+        versions: None,
     };
     let fixture = Fixture::with_resolver(FakeResolver::new(Ok(only_github)))?;
     fixture.service.publish(&fixture.request()).await?;
@@ -313,6 +316,7 @@ async fn a_volume_naming_its_grants_keeps_the_active_ones_after_a_refusal() -> T
                 &[("gh-token", SECRET_B, 0o400)],
             )],
             refresh_after_seconds: 0,
+            versions: None,
         }),
     );
     let outcome = fixture.service.publish(&request).await?;

@@ -8,8 +8,10 @@
 //!    UID consistent with that path, the attributes well-formed, the volume
 //!    ephemeral;
 //! 2. take the per-target lock;
-//! 3. ask custody (`Resolve`) with the pod's token; a refusal mounts
-//!    nothing;
+//! 3. track the volume (so that an invalidation arriving meanwhile is not
+//!    lost) and ask custody (`Resolve`) with the pod's token; an answer
+//!    older than such an invalidation is asked again
+//!    ([`crate::csi::converge::order`]); a refusal mounts nothing;
 //! 4. mount a size-limited tmpfs (never stacked), make the mount point
 //!    read-only, write the files through a private writable view (detached:
 //!    reachable by no path, kept for later writes) with the
@@ -333,9 +335,21 @@ impl<R: Resolver> NodeService<R> {
             });
         }
 
+        // Tracked before custody is asked: an invalidation that arrives
+        // while the answer is on its way concerns this volume too (its work
+        // waits for the volume's lock, and an answer older than it is asked
+        // again instead of being mounted).
+        let pending = self.volumes.target_of(&checked.volume_id).is_none();
+        if pending {
+            self.volumes.upsert(
+                entry.clone(),
+                TokenUpdate::Set(checked.attributes.token.clone()),
+            );
+        }
         let answer = {
             let _permit = self.custody_permit().await;
-            self.resolver.resolve(resolve_request).await
+            self.resolve_in_order(&checked.volume_id, resolve_request)
+                .await
         }
         .map_err(|status| PublishError::from_custody(&status))
         .and_then(|response| {
@@ -345,6 +359,9 @@ impl<R: Resolver> NodeService<R> {
         let (response, resolved) = match answer {
             Ok(answer) => answer,
             Err(error) => {
+                if pending {
+                    self.forget_volume(&checked.volume_id);
+                }
                 if unfinished {
                     let mounter = self.mounter.clone();
                     let target = target.clone();
@@ -382,7 +399,16 @@ impl<R: Resolver> NodeService<R> {
             entry: entry.clone(),
             unfinished,
         };
-        let (outcome, handle) = blocking(move || apply.run(), PublishError::Task).await?;
+        let applied = blocking(move || apply.run(), PublishError::Task).await;
+        let (outcome, handle) = match applied {
+            Ok(applied) => applied,
+            Err(error) => {
+                if pending {
+                    self.forget_volume(&checked.volume_id);
+                }
+                return Err(error);
+            }
+        };
         self.volumes.upsert(
             entry.clone(),
             TokenUpdate::Set(checked.attributes.token.clone()),
@@ -400,6 +426,12 @@ impl<R: Resolver> NodeService<R> {
             "volume published"
         );
         Ok(outcome)
+    }
+
+    /// Stops tracking a volume (unpublished, or its first publish failed).
+    fn forget_volume(&self, volume_id: &str) {
+        self.volumes.remove(volume_id);
+        self.floors.forget(volume_id);
     }
 
     /// NodeUnpublishVolume: unmounts our tmpfs, removes the target
@@ -434,7 +466,7 @@ impl<R: Resolver> NodeService<R> {
         .await?;
         // Forget the token with the volume (only if it is this target's).
         if self.volumes.target_of(&request.volume_id).as_deref() == Some(target.as_path()) {
-            self.volumes.remove(&request.volume_id);
+            self.forget_volume(&request.volume_id);
         }
         tracing::info!(
             volume_id = %request.volume_id,

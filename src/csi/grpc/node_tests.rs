@@ -230,6 +230,7 @@ pub(crate) fn two_grants() -> ResolveResponse {
             ),
         ],
         refresh_after_seconds: 0,
+        versions: None,
     }
 }
 
@@ -544,6 +545,7 @@ async fn publish_without_fs_group_uses_root_group_and_a_traversable_root() -> Te
         agent: "claude".to_owned(),
         grants: vec![grant("g", "cccccccccccc", &[("api-key", SECRET_A, 0o444)])],
         refresh_after_seconds: 0,
+        versions: None,
     };
     let fixture = Fixture::with_resolver(FakeResolver::new(Ok(answer)))?;
     let mut request = fixture.request();
@@ -596,6 +598,7 @@ async fn second_publish_is_idempotent_and_converges_content() -> TestResult {
             &[("api-key", b"rotated-value", 0o440)],
         )],
         refresh_after_seconds: 0,
+        versions: None,
     }));
     let rotated = fixture.service.publish(&request).await?;
     assert_eq!(rotated.files, WriteOutcome::Written);
