@@ -713,7 +713,8 @@ fn local_steps(root: &Path, cycles: usize) -> LocalSteps {
         let view = mounter.writable_view(&target).expect("view");
         time(&mut s.view, t);
         let t = Instant::now();
-        AtomicWriter::new(view.path())
+        let writer = AtomicWriter::open(view.path()).expect("open view");
+        writer
             .write(&payload, Some(FS_GROUP as u32))
             .expect("write");
         time(&mut s.write, t);
@@ -738,6 +739,7 @@ fn local_steps(root: &Path, cycles: usize) -> LocalSteps {
             read_only: true,
             published_at: now,
             updated_at: now,
+            layout: writer.layout(),
         };
         let t = Instant::now();
         registry.store(&entry).expect("store");

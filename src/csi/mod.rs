@@ -58,7 +58,7 @@ mod tests {
         let write_through_view =
             |files: &Payload| -> Result<WriteOutcome, Box<dyn std::error::Error>> {
                 let view = mounter.writable_view(&target)?;
-                let outcome = AtomicWriter::new(view.path()).write(files, Some(fs_group));
+                let outcome = AtomicWriter::open(view.path())?.write(files, Some(fs_group));
                 view.close()?;
                 Ok(outcome?)
             };

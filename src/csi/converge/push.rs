@@ -314,6 +314,7 @@ mod tests {
             read_only: true,
             published_at: now,
             updated_at: now,
+            layout: None,
         }
     }
 

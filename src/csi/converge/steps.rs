@@ -720,7 +720,11 @@ impl<R: Resolver> NodeService<R> {
                         (WriteOutcome::Written, kept)
                     }
                 };
-                if store {
+                // The entry names what the volume holds: a write that changed
+                // that is recorded even when nothing else changed.
+                let layout = handle.layout();
+                if store || layout != record.layout {
+                    let record = PublishedVolume { layout, ..record };
                     registry.store(&record).map_err(PublishError::Registry)?;
                 }
                 Ok((written, kept, handle, refill))

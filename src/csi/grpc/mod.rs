@@ -19,3 +19,6 @@ pub mod metrics;
 pub mod node;
 pub mod registration;
 pub mod server;
+
+#[cfg(test)]
+mod tamper_tests;

@@ -43,7 +43,7 @@ use crate::csi::converge::payload::build_payload;
 use crate::csi::converge::resolver::Resolver;
 use crate::csi::converge::{NodeConfig, NodeService, blocking, new_request_id};
 use crate::csi::errors::{MAX_VOLUME_ID_BYTES, PublishError, UnpublishError, error_chain, shorten};
-use crate::csi::volume::atomic_writer::{Payload, WriteOutcome};
+use crate::csi::volume::atomic_writer::{Payload, VolumeLayout, WriteOutcome};
 use crate::csi::volume::context::{PublishAttributes, parse_publish_attributes};
 use crate::csi::volume::mounter::{
     MountError, MountOutcome, MountState, Mounter, TmpfsOptions, UnmountMode,
@@ -201,15 +201,21 @@ impl Apply {
         // The tmpfs is read-only as a mount from the moment it is attached
         // (every propagated copy too), whatever `readonly` says; the files
         // are written through the volume's private writable handle, kept
-        // for every later write.
-        let handle =
-            Arc::new(VolumeHandle::open(&self.mounter, target).map_err(PublishError::Mount)?);
+        // for every later write. Whatever the directory holds (nothing on
+        // a fresh tmpfs; a crashed publish's leftovers otherwise) is not
+        // the plugin's until written: the layout starts empty.
+        let handle = Arc::new(
+            VolumeHandle::open(&self.mounter, target, Some(VolumeLayout::default()))
+                .map_err(PublishError::Mount)?,
+        );
         let written = handle
             .writer()
             .write(&self.payload, self.fs_group)
             .map_err(PublishError::Write)?;
+        let mut entry = self.entry.clone();
+        entry.layout = handle.layout();
         self.registry
-            .store(&self.entry)
+            .store(&entry)
             .map_err(PublishError::Registry)?;
         Ok((written, handle))
     }
@@ -318,6 +324,9 @@ impl<R: Resolver> NodeService<R> {
                 .map(|entry| entry.published_at)
                 .unwrap_or(now),
             updated_at: now,
+            // What the plugin made in the volume; a fresh mount (below)
+            // starts from an empty one.
+            layout: existing.as_ref().and_then(|entry| entry.layout.clone()),
         };
 
         // Our tmpfs without a registry entry is what a publish that crashed

@@ -23,29 +23,57 @@
 //! (a withdrawal) removes the old directory at once, so withdrawn content
 //! never lingers.
 //!
-//! Names starting with `..` are reserved for the writer. The writer never
-//! follows a symlink out of its directory: `..data` must point at one of its
-//! own timestamped directories, files are created with `O_EXCL` and read with
-//! `O_NOFOLLOW`, and only symlinks it made itself are removed.
+//! # Only descriptors, only names the writer made
+//!
+//! The writer holds a descriptor of the volume's root (the plugin's private
+//! writable view) and does every step through descriptors with
+//! [`super::dir_fd`] (`openat2` refusing symlinks, magic links, `..` and
+//! mount crossings; `mkdirat`, `symlinkat`, `renameat`, `unlinkat`): no
+//! path string is walked below the kubelet directory.
+//!
+//! What the volume holds is known from a [`VolumeLayout`] (persisted in the
+//! plugin's registry), not from the directory: the current version, every
+//! version directory made and not yet removed, and the user-visible links.
+//! The writer never reads `..data` to find its files: it reads back the
+//! registered version by name, swaps `..data` whatever stands there, and
+//! removes its own versions and links by name. Every other entry of the
+//! root (planted by someone with a writable copy, or left by a crash) is
+//! removed by name, never followed or read. A volume written by an older
+//! plugin has no layout yet: it is adopted once from `..data` (see
+//! [`AtomicWriter::layout`]).
+//!
+//! Names starting with `..` are reserved for the writer. Files are created
+//! with `O_EXCL` and read with `O_NOFOLLOW` through the version directory's
+//! own descriptor.
 //!
 //! The writer offers no locking: the caller serialises writes per directory.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{OsStr, OsString};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, Permissions};
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::api::validation::is_reserved_name;
+use rustix::fd::OwnedFd;
+use rustix::fs::{FileType, Mode, OFlags};
+use rustix::io::Errno;
+use serde::{Deserialize, Serialize};
+
+use super::dir_fd::{self, RemoveError};
 pub use crate::api::validation::{InvalidFileName, validate_file_name};
 
 /// Version directories of one volume that are no longer current but still
 /// within their grace period; shared by every writer of that volume.
 pub type Retiring = Arc<Mutex<BTreeSet<String>>>;
+
+/// The [`VolumeLayout`] of one volume, shared by every writer of it; `None`
+/// until known (adopted from the directory on first use).
+pub type SharedLayout = Arc<Mutex<Option<VolumeLayout>>>;
 
 /// The symlink that names the current version's directory.
 const DATA_LINK: &str = "..data";
@@ -61,6 +89,25 @@ const PERMISSION_BITS: u32 = 0o777;
 const UNIQUE_NAME_ATTEMPTS: u32 = 16;
 /// File names longer than this are shortened in error messages.
 const MAX_NAME_IN_MESSAGE: usize = 64;
+
+/// What the writer made in a volume's directory, by name: the only entries
+/// it keeps, reads or removes as its own. Persisted in the registry entry
+/// of the volume; holds names only, never content.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeLayout {
+    /// The version directory `..data` names (none before the first write).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<String>,
+    /// Every version directory made and not yet removed: the current one
+    /// and those within their grace period.
+    #[serde(default)]
+    pub versions: BTreeSet<String>,
+    /// The user-visible links (`name -> ..data/name`): the current
+    /// version's files.
+    #[serde(default)]
+    pub links: BTreeSet<String>,
+}
 
 /// One file of a payload: its content and permission bits.
 ///
@@ -97,8 +144,9 @@ pub type Payload = BTreeMap<String, FileContent>;
 pub enum WriteOutcome {
     /// A new version was published.
     Written,
-    /// Content, modes and group already matched; nothing was rewritten (missing
-    /// user-visible links are still repaired).
+    /// Content, modes and group already matched; nothing was rewritten
+    /// (links and entries that are not as the writer left them are still
+    /// repaired).
     Unchanged,
 }
 
@@ -120,6 +168,12 @@ pub enum AtomicWriteError {
     UnexpectedEntry { path: PathBuf, what: &'static str },
     #[error("could not create a uniquely named version directory in {}", path.display())]
     NoUniqueVersionDir { path: PathBuf },
+    #[error("failed to remove {}", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: RemoveError,
+    },
     #[error("failed to {op} {}", path.display())]
     Io {
         op: &'static str,
@@ -129,11 +183,15 @@ pub enum AtomicWriteError {
     },
 }
 
-fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> AtomicWriteError {
-    move |source| AtomicWriteError::Io {
+fn io_error(op: &'static str, path: PathBuf) -> impl FnOnce(io::Error) -> AtomicWriteError {
+    move |source| AtomicWriteError::Io { op, path, source }
+}
+
+fn sys_error(op: &'static str, path: PathBuf) -> impl FnOnce(Errno) -> AtomicWriteError {
+    move |errno| AtomicWriteError::Io {
         op,
-        path: path.to_path_buf(),
-        source,
+        path,
+        source: errno.into(),
     }
 }
 
@@ -152,15 +210,40 @@ fn name_for_message(name: &str) -> String {
 /// Writes payloads into one directory with kubelet's `..data` symlink swap.
 #[derive(Debug, Clone)]
 pub struct AtomicWriter {
-    dir: PathBuf,
+    /// The volume's root.
+    dir: Arc<OwnedFd>,
+    /// How the root is named in messages (never opened).
+    label: PathBuf,
+    layout: SharedLayout,
     retiring: Option<Retiring>,
 }
 
 impl AtomicWriter {
-    /// A writer for `dir`, which must exist when [`write`](Self::write) runs.
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
+    /// A writer for the directory `path` (a symlink as its last component
+    /// is refused), with its layout adopted from the directory. For tests
+    /// and tools; the node plugin uses [`from_dir`](Self::from_dir).
+    pub fn open(path: &Path) -> Result<Self, AtomicWriteError> {
+        let dir = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|errno| match errno {
+            Errno::LOOP | Errno::NOTDIR => AtomicWriteError::NotADirectory {
+                path: path.to_path_buf(),
+            },
+            errno => sys_error("open", path.to_path_buf())(errno),
+        })?;
+        Ok(Self::from_dir(Arc::new(dir), path, SharedLayout::default()))
+    }
+
+    /// A writer for the directory open as `dir` (named `label` in
+    /// messages), with the volume's known layout.
+    pub fn from_dir(dir: Arc<OwnedFd>, label: impl Into<PathBuf>, layout: SharedLayout) -> Self {
         Self {
-            dir: dir.into(),
+            dir,
+            label: label.into(),
+            layout,
             retiring: None,
         }
     }
@@ -173,25 +256,37 @@ impl AtomicWriter {
         self
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// How the directory is named in messages.
+    pub fn label(&self) -> &Path {
+        &self.label
+    }
+
+    /// What the writer made in the directory, as far as known: `None`
+    /// before the first operation on a volume whose layout was not
+    /// recorded (an older plugin's). Such a volume is adopted on first use:
+    /// `..data`'s version, when it names a real version directory, with its
+    /// files; everything else in the directory counts as foreign.
+    pub fn layout(&self) -> Option<VolumeLayout> {
+        self.lock_layout().clone()
     }
 
     /// Removes a version that [`write_graced`](Self::write_graced) left in
     /// place (unless it became current again, which a write never does).
     pub fn retire(&self, version: &str) -> Result<(), AtomicWriteError> {
-        let result = if is_version_dir_name(version)
-            && self.current_version_dir()?.as_deref() != Some(version)
-        {
-            match fs::remove_dir_all(self.dir.join(version)) {
-                Err(error) if error.kind() != io::ErrorKind::NotFound => {
-                    Err(io_error("remove", &self.dir.join(version))(error))
+        let mut guard = self.lock_layout();
+        let result = match guard.as_mut() {
+            Some(layout)
+                if is_version_dir_name(version) && layout.current.as_deref() != Some(version) =>
+            {
+                let removed = self.remove(version);
+                if removed.is_ok() {
+                    layout.versions.remove(version);
                 }
-                _ => Ok(()),
+                removed
             }
-        } else {
-            Ok(())
+            _ => Ok(()),
         };
+        drop(guard);
         if let Some(retiring) = &self.retiring {
             retiring
                 .lock()
@@ -203,36 +298,41 @@ impl AtomicWriter {
 
     /// The files of the current version: name → content and permission
     /// bits. Empty when nothing was written yet. Used to withdraw some files
-    /// and keep the others without asking custody for them again.
+    /// and keep the others without asking custody for them again. Reads
+    /// exactly the registered files of the registered version, through
+    /// that directory's descriptor; anything else there is an error (the
+    /// caller then starts from an empty directory).
     pub fn read_current(&self) -> Result<Payload, AtomicWriteError> {
+        let mut guard = self.lock_layout();
+        let layout = self.known(&mut guard)?;
         let mut payload = Payload::new();
-        let Some(version) = self.current_version_dir()? else {
+        let Some(version) = layout.current.clone() else {
             return Ok(payload);
         };
-        let version_path = self.dir.join(version);
-        for entry in fs::read_dir(&version_path).map_err(io_error("list", &version_path))? {
-            let entry = entry.map_err(io_error("list", &version_path))?;
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                continue;
-            };
-            if validate_file_name(&name).is_err() {
-                continue;
-            }
-            let path = entry.path();
-            let mut file = OpenOptions::new()
-                .read(true)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&path)
-                .map_err(io_error("open", &path))?;
-            let metadata = file.metadata().map_err(io_error("inspect", &path))?;
+        let version_dir = self.open_version(&version)?;
+        for name in &layout.links {
+            let path = self.label.join(&version).join(name);
+            let fd =
+                dir_fd::open_file(&version_dir, OsStr::new(name)).map_err(|errno| match errno {
+                    Errno::LOOP => AtomicWriteError::UnexpectedEntry {
+                        path: path.clone(),
+                        what: "a symbolic link where the writer made a file",
+                    },
+                    errno => sys_error("open", path.clone())(errno),
+                })?;
+            let mut file = File::from(fd);
+            let metadata = file.metadata().map_err(io_error("inspect", path.clone()))?;
             if !metadata.is_file() {
-                continue;
+                return Err(AtomicWriteError::UnexpectedEntry {
+                    path,
+                    what: "not a regular file",
+                });
             }
             let mut bytes = Vec::with_capacity(metadata.len() as usize);
             file.read_to_end(&mut bytes)
-                .map_err(io_error("read", &path))?;
+                .map_err(io_error("read", path))?;
             payload.insert(
-                name,
+                name.clone(),
                 FileContent::new(bytes, metadata.mode() & PERMISSION_BITS),
             );
         }
@@ -266,49 +366,46 @@ impl AtomicWriter {
     ) -> Result<(WriteOutcome, Option<String>), AtomicWriteError> {
         validate_payload(payload)?;
         let group = group.unwrap_or_else(|| nix::unistd::getegid().as_raw());
+        let mut spared = self.retiring_snapshot();
 
-        let dir_metadata =
-            fs::symlink_metadata(&self.dir).map_err(io_error("inspect", &self.dir))?;
-        if !dir_metadata.is_dir() {
-            return Err(AtomicWriteError::NotADirectory {
-                path: self.dir.clone(),
-            });
-        }
-
-        let current_version = self.current_version_dir()?;
-        let unchanged = match &current_version {
-            Some(version) => self.version_matches(version, payload, group)?,
+        let mut guard = self.lock_layout();
+        let layout = self.known(&mut guard)?;
+        let replaced = layout.current.clone();
+        let unchanged = match &replaced {
+            Some(version) => {
+                self.data_link_names(version)? && self.version_matches(version, payload, group)?
+            }
             None => false,
         };
 
         // A replaced version is kept for a grace period only when every file
         // it holds survives: then a reader racing the swap must still find
         // its file. Files that leave must leave at once.
-        let keep_replaced = match (&self.retiring, &current_version, unchanged) {
-            (Some(_), Some(version), false) => {
-                let names = self.version_names(version)?;
-                !names.is_empty() && names.iter().all(|name| payload.contains_key(name))
-            }
-            _ => false,
-        };
+        let keep_replaced = self.retiring.is_some()
+            && !unchanged
+            && replaced.is_some()
+            && !layout.links.is_empty()
+            && layout.links.iter().all(|name| payload.contains_key(name));
         let outcome = if unchanged {
             WriteOutcome::Unchanged
         } else {
-            let new_version = self.create_version_dir(group)?;
-            if let Err(error) = self.fill_version_dir(&new_version, payload, group) {
+            let version = self.create_version_dir(layout)?;
+            let published = self
+                .fill_version_dir(&version, payload, group)
+                .and_then(|()| self.switch_data_link(&version));
+            if let Err(error) = published {
                 // Leave no half-written version behind; the old one stays live.
-                let _ = fs::remove_dir_all(self.dir.join(&new_version));
+                if self.remove(&version).is_ok() {
+                    layout.versions.remove(&version);
+                }
                 return Err(error);
             }
-            if let Err(error) = self.switch_data_link(&new_version) {
-                let _ = fs::remove_dir_all(self.dir.join(&new_version));
-                return Err(error);
-            }
+            layout.current = Some(version);
             WriteOutcome::Written
         };
 
-        self.sync_user_visible_links(payload)?;
-        let kept = match (&self.retiring, current_version) {
+        self.sync_user_visible_links(layout, payload)?;
+        let kept = match (&self.retiring, replaced) {
             (Some(retiring), Some(version))
                 if keep_replaced && outcome == WriteOutcome::Written =>
             {
@@ -316,32 +413,35 @@ impl AtomicWriter {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert(version.clone());
+                spared.insert(version.clone());
                 Some(version)
             }
             _ => None,
         };
-        self.remove_stale_versions()?;
-        sync_dir(&self.dir)?;
+        self.remove_replaced_versions(layout, &spared)?;
+        self.remove_foreign_entries(layout)?;
+        dir_fd::sync(&*self.dir).map_err(sys_error("flush directory", self.label.clone()))?;
         Ok((outcome, kept))
     }
 
-    /// The file names in a version directory.
     /// Removes everything in the volume's directory, whatever it is and
     /// whoever made it, without following a single link: each entry is
-    /// removed by name (a directory with `remove_dir_all`, which opens each
-    /// level with `O_NOFOLLOW` and removes by name too). The known state
-    /// after a tampered directory: empty. The directory itself stays.
+    /// removed by name from the root's descriptor, a directory level by
+    /// level through descriptors. The known state after a tampered
+    /// directory: empty. The directory itself stays.
     pub fn wipe(&self) -> Result<(), AtomicWriteError> {
-        for entry in fs::read_dir(&self.dir).map_err(io_error("list", &self.dir))? {
-            let entry = entry.map_err(io_error("list", &self.dir))?;
-            let path = entry.path();
-            let file_type = entry.file_type().map_err(io_error("inspect", &path))?;
-            if file_type.is_dir() {
-                fs::remove_dir_all(&path).map_err(io_error("remove", &path))?;
-            } else {
-                fs::remove_file(&path).map_err(io_error("remove", &path))?;
-            }
+        let mut guard = self.lock_layout();
+        let entries = dir_fd::list(&*self.dir).map_err(sys_error("list", self.label.clone()))?;
+        for entry in entries {
+            dir_fd::remove_entry(&*self.dir, &entry.name).map_err(|source| {
+                AtomicWriteError::Remove {
+                    path: self.label.join(&entry.name),
+                    source,
+                }
+            })?;
         }
+        *guard = Some(VolumeLayout::default());
+        drop(guard);
         if let Some(retiring) = &self.retiring {
             retiring
                 .lock()
@@ -351,95 +451,139 @@ impl AtomicWriter {
         Ok(())
     }
 
-    fn version_names(&self, version: &str) -> Result<BTreeSet<String>, AtomicWriteError> {
-        let version_path = self.dir.join(version);
-        let mut names = BTreeSet::new();
-        for entry in fs::read_dir(&version_path).map_err(io_error("list", &version_path))? {
-            let entry = entry.map_err(io_error("list", &version_path))?;
-            if let Some(name) = entry.file_name().to_str() {
-                names.insert(name.to_owned());
-            }
-        }
-        Ok(names)
+    fn lock_layout(&self) -> MutexGuard<'_, Option<VolumeLayout>> {
+        self.layout.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The name of the version directory `..data` points to, if any. Refuses a
-    /// `..data` that is not a symlink to one of our version directories.
-    fn current_version_dir(&self) -> Result<Option<String>, AtomicWriteError> {
-        let data_link = self.dir.join(DATA_LINK);
-        let link_target = match fs::read_link(&data_link) {
-            Ok(target) => target,
-            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(error) if error.raw_os_error() == Some(nix::libc::EINVAL) => {
-                return Err(AtomicWriteError::UnexpectedEntry {
-                    path: data_link,
-                    what: "not a symbolic link",
-                });
-            }
-            Err(error) => return Err(io_error("read link", &data_link)(error)),
+    fn retiring_snapshot(&self) -> BTreeSet<String> {
+        self.retiring
+            .as_ref()
+            .map(|retiring| {
+                retiring
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The layout, adopted from the directory when not known yet.
+    fn known<'a>(
+        &self,
+        layout: &'a mut Option<VolumeLayout>,
+    ) -> Result<&'a mut VolumeLayout, AtomicWriteError> {
+        if layout.is_none() {
+            *layout = Some(self.adopt()?);
+        }
+        Ok(layout.get_or_insert_with(VolumeLayout::default))
+    }
+
+    /// The layout an older writer left: `..data`'s target when it names a
+    /// version directory (a real one, opened without following links), and
+    /// the regular files in it. Nothing is read but names.
+    fn adopt(&self) -> Result<VolumeLayout, AtomicWriteError> {
+        let mut layout = VolumeLayout::default();
+        let data_link = self.label.join(DATA_LINK);
+        let current = match dir_fd::read_link(&*self.dir, OsStr::new(DATA_LINK)) {
+            Ok(Some(target)) => target
+                .into_string()
+                .ok()
+                .filter(|name| is_version_dir_name(name)),
+            Ok(None) | Err(Errno::INVAL) => None,
+            Err(errno) => return Err(sys_error("read link", data_link)(errno)),
         };
-        let version = link_target
-            .to_str()
-            .filter(|name| is_version_dir_name(name))
-            .ok_or_else(|| AtomicWriteError::UnexpectedEntry {
-                path: data_link.clone(),
-                what: "does not point to a version directory of this writer",
-            })?;
-        let version_path = self.dir.join(version);
-        match fs::symlink_metadata(&version_path) {
-            Ok(metadata) if metadata.is_dir() => Ok(Some(version.to_owned())),
-            Ok(_) => Err(AtomicWriteError::UnexpectedEntry {
-                path: version_path,
+        let Some(version) = current else {
+            return Ok(layout);
+        };
+        let version_dir = match dir_fd::open_dir(&*self.dir, OsStr::new(&version)) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT | Errno::LOOP | Errno::NOTDIR) => return Ok(layout),
+            Err(errno) => return Err(sys_error("open", self.label.join(&version))(errno)),
+        };
+        let entries =
+            dir_fd::list(&version_dir).map_err(sys_error("list", self.label.join(&version)))?;
+        layout.links = entries
+            .into_iter()
+            .filter(|entry| entry.file_type == FileType::RegularFile)
+            .filter_map(|entry| entry.name.into_string().ok())
+            .filter(|name| validate_file_name(name).is_ok())
+            .collect();
+        layout.versions.insert(version.clone());
+        layout.current = Some(version);
+        Ok(layout)
+    }
+
+    /// Removes `name` from the root, by name (see [`dir_fd::remove_entry`]).
+    fn remove(&self, name: &str) -> Result<(), AtomicWriteError> {
+        dir_fd::remove_entry(&*self.dir, OsStr::new(name)).map_err(|source| {
+            AtomicWriteError::Remove {
+                path: self.label.join(name),
+                source,
+            }
+        })
+    }
+
+    fn open_version(&self, version: &str) -> Result<OwnedFd, AtomicWriteError> {
+        let path = self.label.join(version);
+        dir_fd::open_dir(&*self.dir, OsStr::new(version)).map_err(|errno| match errno {
+            Errno::LOOP | Errno::NOTDIR => AtomicWriteError::UnexpectedEntry {
+                path,
                 what: "version entry is not a directory",
-            }),
-            // A dangling `..data` (for example after a crash between removing
-            // and switching, which our order never does, or tampering): treat
-            // as no current version so the next write repairs it.
-            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(io_error("inspect", &version_path)(error)),
+            },
+            errno => sys_error("open", path)(errno),
+        })
+    }
+
+    /// True when `..data` is the symlink to `version`.
+    fn data_link_names(&self, version: &str) -> Result<bool, AtomicWriteError> {
+        match dir_fd::read_link(&*self.dir, OsStr::new(DATA_LINK)) {
+            Ok(target) => Ok(target.as_deref() == Some(OsStr::new(version))),
+            Err(Errno::INVAL) => Ok(false),
+            Err(errno) => Err(sys_error("read link", self.label.join(DATA_LINK))(errno)),
         }
     }
 
     /// True when the version directory holds exactly the payload's files with
-    /// the same bytes, modes and group.
+    /// the same bytes, modes and group. Anything unexpected (a link, a
+    /// missing entry) is simply "no": the write then starts a new version.
     fn version_matches(
         &self,
         version: &str,
         payload: &Payload,
         group: u32,
     ) -> Result<bool, AtomicWriteError> {
-        let version_path = self.dir.join(version);
-        let dir_metadata =
-            fs::symlink_metadata(&version_path).map_err(io_error("inspect", &version_path))?;
-        if dir_metadata.gid() != group || dir_metadata.mode() & 0o7777 != VERSION_DIR_MODE {
+        let version_path = self.label.join(version);
+        let version_dir = match dir_fd::open_dir(&*self.dir, OsStr::new(version)) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT | Errno::LOOP | Errno::NOTDIR) => return Ok(false),
+            Err(errno) => return Err(sys_error("open", version_path)(errno)),
+        };
+        let stat =
+            rustix::fs::fstat(&version_dir).map_err(sys_error("inspect", version_path.clone()))?;
+        if stat.st_gid != group || stat.st_mode & 0o7777 != VERSION_DIR_MODE {
             return Ok(false);
         }
-
-        let mut names_on_disk = BTreeSet::new();
-        for entry in fs::read_dir(&version_path).map_err(io_error("list", &version_path))? {
-            let entry = entry.map_err(io_error("list", &version_path))?;
-            names_on_disk.insert(entry.file_name());
-        }
+        let names_on_disk: BTreeSet<OsString> = dir_fd::list(&version_dir)
+            .map_err(sys_error("list", version_path.clone()))?
+            .into_iter()
+            .map(|entry| entry.name)
+            .collect();
         if names_on_disk.len() != payload.len()
             || !payload
                 .keys()
-                .all(|name| names_on_disk.contains(std::ffi::OsStr::new(name)))
+                .all(|name| names_on_disk.contains(OsStr::new(name)))
         {
             return Ok(false);
         }
 
         for (name, wanted) in payload {
             let path = version_path.join(name);
-            let mut file = match OpenOptions::new()
-                .read(true)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&path)
-            {
-                Ok(file) => file,
+            let mut file = match dir_fd::open_file(&version_dir, OsStr::new(name)) {
+                Ok(fd) => File::from(fd),
                 // A symlink (ELOOP) or a vanished file: not what we wrote.
                 Err(_) => return Ok(false),
             };
-            let metadata = file.metadata().map_err(io_error("inspect", &path))?;
+            let metadata = file.metadata().map_err(io_error("inspect", path.clone()))?;
             if !metadata.is_file()
                 || metadata.mode() & 0o7777 != wanted.mode
                 || metadata.gid() != group
@@ -449,7 +593,7 @@ impl AtomicWriter {
             }
             let mut on_disk = Vec::with_capacity(wanted.bytes.len());
             file.read_to_end(&mut on_disk)
-                .map_err(io_error("read", &path))?;
+                .map_err(io_error("read", path))?;
             if on_disk != wanted.bytes {
                 return Ok(false);
             }
@@ -457,146 +601,144 @@ impl AtomicWriter {
         Ok(true)
     }
 
-    /// Creates a fresh, empty `..YYYY_MM_DD_HH_MM_SS.<random>` directory with
-    /// mode 0755 (set explicitly, whatever the umask) and the given group.
-    fn create_version_dir(&self, group: u32) -> Result<String, AtomicWriteError> {
+    /// Creates a fresh, empty `..YYYY_MM_DD_HH_MM_SS.<random>` directory
+    /// (owner-only until filled) and records it in `layout` at once, so
+    /// that it is removed by name even if what follows fails.
+    fn create_version_dir(&self, layout: &mut VolumeLayout) -> Result<String, AtomicWriteError> {
         let stamp = jiff::Timestamp::now().strftime("%Y_%m_%d_%H_%M_%S");
         for _ in 0..UNIQUE_NAME_ATTEMPTS {
             let name = format!("..{stamp}.{}", random_suffix());
-            let path = self.dir.join(&name);
-            match fs::DirBuilder::new().mode(0o700).create(&path) {
+            match dir_fd::make_dir(&*self.dir, OsStr::new(&name), 0o700) {
                 Ok(()) => {
-                    std::os::unix::fs::lchown(&path, None, Some(group))
-                        .map_err(io_error("set the group of", &path))?;
-                    fs::set_permissions(&path, fs::Permissions::from_mode(VERSION_DIR_MODE))
-                        .map_err(io_error("set the mode of", &path))?;
+                    layout.versions.insert(name.clone());
                     return Ok(name);
                 }
-                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(error) => return Err(io_error("create", &path)(error)),
+                Err(Errno::EXIST) => continue,
+                Err(errno) => return Err(sys_error("create", self.label.join(&name))(errno)),
             }
         }
         Err(AtomicWriteError::NoUniqueVersionDir {
-            path: self.dir.clone(),
+            path: self.label.clone(),
         })
     }
 
+    /// Writes every file into the new version through the version
+    /// directory's descriptor, then gives the directory its group and mode
+    /// 0755 (explicitly, whatever the umask) and flushes it.
     fn fill_version_dir(
         &self,
         version: &str,
         payload: &Payload,
         group: u32,
     ) -> Result<(), AtomicWriteError> {
-        let version_path = self.dir.join(version);
+        let version_path = self.label.join(version);
+        let version_dir = self.open_version(version)?;
         for (name, content) in payload {
-            write_file(&version_path.join(name), content, group)?;
+            write_file(&version_dir, &version_path, name, content, group)?;
         }
-        sync_dir(&version_path)
+        std::os::unix::fs::fchown(&version_dir, None, Some(group))
+            .map_err(io_error("set the group of", version_path.clone()))?;
+        rustix::fs::fchmod(&version_dir, Mode::from_raw_mode(VERSION_DIR_MODE))
+            .map_err(sys_error("set the mode of", version_path.clone()))?;
+        dir_fd::sync(&version_dir).map_err(sys_error("flush directory", version_path))
     }
 
-    /// Points `..data` at `version` with one atomic rename.
+    /// Points `..data` at `version` with one atomic rename, whatever
+    /// `..data` was (a planted directory there is removed first).
     fn switch_data_link(&self, version: &str) -> Result<(), AtomicWriteError> {
-        let tmp_link = self.dir.join(DATA_TMP_LINK);
-        match fs::symlink_metadata(&tmp_link) {
-            Ok(metadata) if metadata.file_type().is_symlink() => {
-                fs::remove_file(&tmp_link).map_err(io_error("remove stale", &tmp_link))?;
+        let tmp = OsStr::new(DATA_TMP_LINK);
+        let data = OsStr::new(DATA_LINK);
+        self.remove(DATA_TMP_LINK)?;
+        dir_fd::make_link(OsStr::new(version), &*self.dir, tmp)
+            .map_err(sys_error("create link", self.label.join(DATA_TMP_LINK)))?;
+        let renamed = match dir_fd::rename(&*self.dir, tmp, data) {
+            // A link cannot replace a directory.
+            Err(Errno::ISDIR | Errno::NOTEMPTY | Errno::EXIST) => {
+                self.remove(DATA_LINK).and_then(|()| {
+                    dir_fd::rename(&*self.dir, tmp, data)
+                        .map_err(sys_error("rename link to", self.label.join(DATA_LINK)))
+                })
             }
-            Ok(_) => {
-                return Err(AtomicWriteError::UnexpectedEntry {
-                    path: tmp_link,
-                    what: "not a symbolic link",
-                });
-            }
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-            Err(error) => return Err(io_error("inspect", &tmp_link)(error)),
+            other => other.map_err(sys_error("rename link to", self.label.join(DATA_LINK))),
+        };
+        if renamed.is_err() {
+            let _ = self.remove(DATA_TMP_LINK);
         }
-        symlink(version, &tmp_link).map_err(io_error("create link", &tmp_link))?;
-        let data_link = self.dir.join(DATA_LINK);
-        if let Err(error) = fs::rename(&tmp_link, &data_link) {
-            let _ = fs::remove_file(&tmp_link);
-            return Err(io_error("rename link to", &data_link)(error));
+        renamed
+    }
+
+    /// Ensures `name -> ..data/name` for every payload file, replacing
+    /// whatever else stands at that name, and removes the links of files
+    /// that left, by name.
+    fn sync_user_visible_links(
+        &self,
+        layout: &mut VolumeLayout,
+        payload: &Payload,
+    ) -> Result<(), AtomicWriteError> {
+        let leaving: Vec<String> = layout
+            .links
+            .iter()
+            .filter(|name| !payload.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in leaving {
+            self.remove(&name)?;
+            layout.links.remove(&name);
+        }
+        for name in payload.keys() {
+            let wanted = user_visible_link_target(name);
+            match dir_fd::read_link(&*self.dir, OsStr::new(name)) {
+                Ok(Some(target)) if target == wanted => {
+                    layout.links.insert(name.clone());
+                    continue;
+                }
+                Ok(None) => {}
+                // Another link or not a link at all: not ours any more.
+                Ok(Some(_)) | Err(Errno::INVAL) => self.remove(name)?,
+                Err(errno) => return Err(sys_error("read link", self.label.join(name))(errno)),
+            }
+            dir_fd::make_link(&wanted, &*self.dir, OsStr::new(name))
+                .map_err(sys_error("create link", self.label.join(name)))?;
+            layout.links.insert(name.clone());
         }
         Ok(())
     }
 
-    /// Ensures `name -> ..data/name` exists for every payload file and removes
-    /// our links for names no longer in the payload. Entries we did not create
-    /// are left alone, except that one blocking a payload name is an error.
-    fn sync_user_visible_links(&self, payload: &Payload) -> Result<(), AtomicWriteError> {
-        let mut linked = BTreeSet::new();
-        for entry in fs::read_dir(&self.dir).map_err(io_error("list", &self.dir))? {
-            let entry = entry.map_err(io_error("list", &self.dir))?;
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                continue;
-            };
-            if is_reserved_name(&name) {
-                continue;
-            }
-            let path = entry.path();
-            let file_type = entry.file_type().map_err(io_error("inspect", &path))?;
-            let ours = file_type.is_symlink()
-                && fs::read_link(&path).map_err(io_error("read link", &path))?
-                    == user_visible_link_target(&name);
-            match (ours, payload.contains_key(&name)) {
-                (true, true) => {
-                    linked.insert(name);
-                }
-                (true, false) => {
-                    fs::remove_file(&path).map_err(io_error("remove link", &path))?;
-                }
-                (false, true) if file_type.is_symlink() => {
-                    // A link with the wrong target: replace it.
-                    fs::remove_file(&path).map_err(io_error("remove link", &path))?;
-                }
-                (false, true) => {
-                    return Err(AtomicWriteError::UnexpectedEntry {
-                        path,
-                        what: "blocks a user-visible link",
-                    });
-                }
-                (false, false) => {}
-            }
-        }
-        for name in payload.keys().filter(|name| !linked.contains(*name)) {
-            let path = self.dir.join(name);
-            symlink(user_visible_link_target(name), &path)
-                .map_err(io_error("create link", &path))?;
+    /// Removes, by name, every version directory of the layout that is
+    /// neither current nor within its grace period.
+    fn remove_replaced_versions(
+        &self,
+        layout: &mut VolumeLayout,
+        spared: &BTreeSet<String>,
+    ) -> Result<(), AtomicWriteError> {
+        let replaced: Vec<String> = layout
+            .versions
+            .iter()
+            .filter(|name| layout.current.as_ref() != Some(*name) && !spared.contains(*name))
+            .cloned()
+            .collect();
+        for name in replaced {
+            self.remove(&name)?;
+            layout.versions.remove(&name);
         }
         Ok(())
     }
 
-    /// Removes every version directory `..data` does not point to (the
-    /// previous version, and leftovers of an interrupted write), except
-    /// those still within their grace period.
-    fn remove_stale_versions(&self) -> Result<(), AtomicWriteError> {
-        let current = self.current_version_dir()?;
-        let spared: BTreeSet<String> = self
-            .retiring
-            .as_ref()
-            .map(|retiring| {
-                retiring
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone()
-            })
-            .unwrap_or_default();
-        for entry in fs::read_dir(&self.dir).map_err(io_error("list", &self.dir))? {
-            let entry = entry.map_err(io_error("list", &self.dir))?;
-            let file_name = entry.file_name();
-            let Some(name) = file_name.to_str() else {
-                continue;
-            };
-            if !is_version_dir_name(name)
-                || current.as_deref() == Some(name)
-                || spared.contains(name)
-            {
-                continue;
-            }
-            let path = entry.path();
-            let file_type = entry.file_type().map_err(io_error("inspect", &path))?;
-            if file_type.is_dir() {
-                // remove_dir_all does not follow symlinks inside the tree.
-                fs::remove_dir_all(&path).map_err(io_error("remove", &path))?;
+    /// Removes every root entry the layout does not name (planted, moved
+    /// there, or left by an interrupted write), without following it.
+    fn remove_foreign_entries(&self, layout: &VolumeLayout) -> Result<(), AtomicWriteError> {
+        let entries = dir_fd::list(&*self.dir).map_err(sys_error("list", self.label.clone()))?;
+        for entry in entries {
+            let ours = entry.name.to_str().is_some_and(|name| {
+                name == DATA_LINK || layout.versions.contains(name) || layout.links.contains(name)
+            });
+            if !ours {
+                dir_fd::remove_entry(&*self.dir, &entry.name).map_err(|source| {
+                    AtomicWriteError::Remove {
+                        path: self.label.join(&entry.name),
+                        source,
+                    }
+                })?;
             }
         }
         Ok(())
@@ -619,35 +761,36 @@ fn validate_payload(payload: &Payload) -> Result<(), AtomicWriteError> {
     Ok(())
 }
 
-/// Creates `path` (which must not exist), writes the content, sets group and
-/// mode explicitly (umask-proof) and flushes it to storage.
-fn write_file(path: &Path, content: &FileContent, group: u32) -> Result<(), AtomicWriteError> {
-    // create_new (O_EXCL) never follows a symlink planted at `path`; the file
-    // starts owner-only until its final mode is applied.
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_error("create", path))?;
+/// Creates `name` in the version directory (it must not exist), writes the
+/// content, sets group and mode explicitly (umask-proof) and flushes it.
+fn write_file(
+    version_dir: &OwnedFd,
+    version_path: &Path,
+    name: &str,
+    content: &FileContent,
+    group: u32,
+) -> Result<(), AtomicWriteError> {
+    let path = version_path.join(name);
+    // O_EXCL never opens anything planted at the name; the file starts
+    // owner-only until its final mode is applied.
+    let fd = dir_fd::create_file(version_dir, OsStr::new(name), 0o600)
+        .map_err(sys_error("create", path.clone()))?;
+    let mut file = File::from(fd);
     file.write_all(&content.bytes)
-        .map_err(io_error("write", path))?;
+        .map_err(io_error("write", path.clone()))?;
     // chown before chmod: a chown may clear mode bits.
     std::os::unix::fs::fchown(&file, None, Some(group))
-        .map_err(io_error("set the group of", path))?;
-    file.set_permissions(fs::Permissions::from_mode(content.mode))
-        .map_err(io_error("set the mode of", path))?;
+        .map_err(io_error("set the group of", path.clone()))?;
+    file.set_permissions(Permissions::from_mode(content.mode))
+        .map_err(io_error("set the mode of", path.clone()))?;
     file.sync_all().map_err(io_error("flush", path))
 }
 
-fn sync_dir(path: &Path) -> Result<(), AtomicWriteError> {
-    File::open(path)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io_error("flush directory", path))
-}
-
-fn user_visible_link_target(name: &str) -> PathBuf {
-    Path::new(DATA_LINK).join(name)
+fn user_visible_link_target(name: &str) -> OsString {
+    let mut target = OsString::from(DATA_LINK);
+    target.push("/");
+    target.push(name);
+    target
 }
 
 /// True for names of the form `..YYYY_MM_DD_HH_MM_SS.<digits>`.
@@ -680,7 +823,9 @@ fn random_suffix() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use crate::api::validation::is_reserved_name;
+    use std::fs;
+    use std::os::unix::fs::symlink;
     use std::sync::atomic::AtomicBool;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -721,7 +866,7 @@ mod tests {
     #[test]
     fn first_write_creates_the_kubelet_layout() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let writer = AtomicWriter::new(dir.path());
+        let writer = AtomicWriter::open(dir.path())?;
         let outcome = writer.write(
             &payload(&[("api-key", b"value-1", 0o440), ("url", b"https://x", 0o444)]),
             None,
@@ -754,7 +899,7 @@ mod tests {
     #[test]
     fn rewrite_with_changed_content_switches_version_and_removes_old() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let writer = AtomicWriter::new(dir.path());
+        let writer = AtomicWriter::open(dir.path())?;
         writer.write(&payload(&[("api-key", b"old", 0o440)]), None)?;
         let old_versions = version_dirs(dir.path());
 
@@ -770,7 +915,7 @@ mod tests {
     #[test]
     fn identical_payload_is_not_rewritten() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let writer = AtomicWriter::new(dir.path());
+        let writer = AtomicWriter::open(dir.path())?;
         let files = payload(&[("api-key", b"same", 0o440)]);
         writer.write(&files, Some(4321))?;
         let before = version_dirs(dir.path());
@@ -797,7 +942,7 @@ mod tests {
     #[test]
     fn unchanged_write_repairs_a_missing_user_visible_link() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let writer = AtomicWriter::new(dir.path());
+        let writer = AtomicWriter::open(dir.path())?;
         let files = payload(&[("api-key", b"v", 0o440)]);
         writer.write(&files, None)?;
         fs::remove_file(dir.path().join("api-key"))?;
@@ -809,7 +954,7 @@ mod tests {
     #[test]
     fn removed_key_disappears() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let writer = AtomicWriter::new(dir.path());
+        let writer = AtomicWriter::open(dir.path())?;
         writer.write(&payload(&[("a", b"1", 0o440), ("b", b"2", 0o440)]), None)?;
         assert_eq!(
             writer.write(&payload(&[("a", b"1", 0o440)]), None)?,
@@ -823,7 +968,7 @@ mod tests {
     #[test]
     fn empty_payload_withdraws_everything_but_keeps_the_directory() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let writer = AtomicWriter::new(dir.path());
+        let writer = AtomicWriter::open(dir.path())?;
         writer.write(&payload(&[("a", b"1", 0o440), ("b", b"2", 0o440)]), None)?;
         assert_eq!(writer.write(&Payload::new(), None)?, WriteOutcome::Written);
         assert!(user_visible(dir.path()).is_empty());
@@ -840,7 +985,7 @@ mod tests {
     #[test]
     fn bad_names_are_rejected_before_anything_is_touched() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let writer = AtomicWriter::new(dir.path());
+        let writer = AtomicWriter::open(dir.path())?;
         writer.write(&payload(&[("good", b"1", 0o440)]), None)?;
         let before = entries(dir.path());
 
@@ -885,18 +1030,17 @@ mod tests {
 
     #[test]
     fn error_messages_shorten_hostile_names() {
-        let error = AtomicWriter::new("/nonexistent")
-            .write(&payload(&[(&"/".repeat(5000), b"x", 0o440)]), None)
+        let error = validate_payload(&payload(&[(&"/".repeat(5000), b"x", 0o440)]))
             .err()
             .map(|error| error.to_string())
             .unwrap_or_default();
-        assert!(error.len() < 200, "{error}");
+        assert!(!error.is_empty() && error.len() < 200, "{error}");
     }
 
     #[test]
     fn modes_and_group_are_applied_exactly() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let writer = AtomicWriter::new(dir.path());
+        let writer = AtomicWriter::open(dir.path())?;
         // 0o666 would lose group/other write bits to a typical umask of 022:
         // seeing it intact shows the explicit chmod.
         writer.write(
@@ -920,18 +1064,18 @@ mod tests {
     }
 
     #[test]
-    fn a_planted_data_link_pointing_outside_is_refused() -> TestResult {
+    fn a_planted_data_link_pointing_outside_is_replaced_not_followed() -> TestResult {
         let outside = tempfile::tempdir()?;
         fs::write(outside.path().join("victim"), b"keep")?;
         let dir = tempfile::tempdir()?;
         symlink(outside.path(), dir.path().join("..data"))?;
-        let result =
-            AtomicWriter::new(dir.path()).write(&payload(&[("victim", b"x", 0o440)]), None);
-        assert!(matches!(
-            result,
-            Err(AtomicWriteError::UnexpectedEntry { .. })
-        ));
+        let writer = AtomicWriter::open(dir.path())?;
+        writer.write(&payload(&[("victim", b"x", 0o440)]), None)?;
         assert_eq!(fs::read(outside.path().join("victim"))?, b"keep");
+        assert_eq!(entries(outside.path()), vec!["victim".to_owned()]);
+        assert_eq!(fs::read(dir.path().join("victim"))?, b"x");
+        let data = fs::read_link(dir.path().join("..data"))?;
+        assert!(is_version_dir_name(&data.to_string_lossy()), "{data:?}");
         Ok(())
     }
 
@@ -941,7 +1085,7 @@ mod tests {
         let holder = tempfile::tempdir()?;
         let link = holder.path().join("target");
         symlink(real.path(), &link)?;
-        let result = AtomicWriter::new(&link).write(&payload(&[("a", b"x", 0o440)]), None);
+        let result = AtomicWriter::open(&link);
         assert!(matches!(
             result,
             Err(AtomicWriteError::NotADirectory { .. })
@@ -950,26 +1094,38 @@ mod tests {
         Ok(())
     }
 
+    /// Whatever the writer did not make is removed by name, never followed:
+    /// a file, a directory tree, a link to a directory outside, an entry
+    /// blocking a file's name.
     #[test]
-    fn foreign_entries_are_kept_and_a_blocking_one_is_an_error() -> TestResult {
+    fn foreign_entries_are_removed_by_name_and_never_followed() -> TestResult {
+        let outside = tempfile::tempdir()?;
+        fs::write(outside.path().join("a"), b"outside")?;
         let dir = tempfile::tempdir()?;
-        fs::write(dir.path().join("not-ours"), b"foreign")?;
-        let writer = AtomicWriter::new(dir.path());
+        let writer = AtomicWriter::open(dir.path())?;
         writer.write(&payload(&[("a", b"1", 0o440)]), None)?;
-        assert_eq!(fs::read(dir.path().join("not-ours"))?, b"foreign");
-        let blocked = writer.write(&payload(&[("not-ours", b"1", 0o440)]), None);
-        assert!(matches!(
-            blocked,
-            Err(AtomicWriteError::UnexpectedEntry { .. })
-        ));
-        assert_eq!(fs::read(dir.path().join("not-ours"))?, b"foreign");
+        fs::write(dir.path().join("not-ours"), b"foreign")?;
+        fs::create_dir_all(dir.path().join("tree/deeper"))?;
+        symlink(outside.path(), dir.path().join("tree/deeper/escape"))?;
+        symlink(outside.path(), dir.path().join("outside-link"))?;
+        fs::remove_file(dir.path().join("a"))?;
+        fs::create_dir(dir.path().join("a"))?;
+        fs::write(dir.path().join("a/blocker"), b"x")?;
+        assert_eq!(
+            writer.write(&payload(&[("a", b"1", 0o440)]), None)?,
+            WriteOutcome::Unchanged
+        );
+        assert_eq!(user_visible(dir.path()), vec!["a".to_owned()]);
+        assert_eq!(fs::read(dir.path().join("a"))?, b"1");
+        assert_eq!(fs::read(outside.path().join("a"))?, b"outside");
+        assert_eq!(entries(outside.path()), vec!["a".to_owned()]);
         Ok(())
     }
 
     #[test]
     fn leftovers_of_an_interrupted_write_are_cleaned_up() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let writer = AtomicWriter::new(dir.path());
+        let writer = AtomicWriter::open(dir.path())?;
         writer.write(&payload(&[("a", b"1", 0o440)]), None)?;
         let orphan = dir.path().join("..2020_01_01_00_00_00.42");
         fs::create_dir(&orphan)?;
@@ -1031,7 +1187,7 @@ mod tests {
     #[test]
     fn concurrent_reader_sees_only_whole_versions() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let writer = AtomicWriter::new(dir.path());
+        let writer = AtomicWriter::open(dir.path())?;
         writer.write(
             &[(
                 "key".to_owned(),
@@ -1084,7 +1240,7 @@ mod tests {
     #[test]
     fn read_current_returns_the_live_files_with_their_modes() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let writer = AtomicWriter::new(dir.path());
+        let writer = AtomicWriter::open(dir.path())?;
         assert!(writer.read_current()?.is_empty());
         let files = payload(&[("a", b"alpha", 0o440), ("b", b"beta", 0o400)]);
         writer.write(&files, None)?;
@@ -1104,7 +1260,7 @@ mod tests {
     fn with_a_grace_period_a_reader_never_misses_the_file() -> TestResult {
         let dir = tempfile::tempdir()?;
         let retiring = Retiring::default();
-        let writer = AtomicWriter::new(dir.path()).with_retiring(retiring.clone());
+        let writer = AtomicWriter::open(dir.path())?.with_retiring(retiring.clone());
         let version = |n: usize| -> Payload {
             [(
                 "key".to_owned(),
@@ -1154,7 +1310,7 @@ mod tests {
     fn withdrawals_leave_no_old_version_and_retiring_ones_are_spared() -> TestResult {
         let dir = tempfile::tempdir()?;
         let retiring = Retiring::default();
-        let writer = AtomicWriter::new(dir.path()).with_retiring(retiring.clone());
+        let writer = AtomicWriter::open(dir.path())?.with_retiring(retiring.clone());
         writer.write(&payload(&[("a", b"1", 0o444), ("b", b"2", 0o444)]), None)?;
         // Rotation of b: the replaced version is kept.
         let (_, kept) =
@@ -1169,9 +1325,231 @@ mod tests {
         writer.retire(&kept)?;
         assert_eq!(version_dirs(dir.path()).len(), 1);
         // Without a set, write() never leaves anything behind.
-        let plain = AtomicWriter::new(dir.path());
+        let plain = AtomicWriter::open(dir.path())?;
         plain.write(&payload(&[("b", b"4", 0o444)]), None)?;
         assert_eq!(version_dirs(dir.path()).len(), 1);
+        Ok(())
+    }
+
+    /// The single version directory of `dir` (the current one).
+    fn only_version(dir: &Path) -> Result<String, Box<dyn std::error::Error>> {
+        let versions = version_dirs(dir);
+        match versions.as_slice() {
+            [only] => Ok(only.clone()),
+            _ => Err(format!("expected one version directory, found {versions:?}").into()),
+        }
+    }
+
+    /// Every regular file's content anywhere below `dir`, links not followed.
+    fn all_contents(dir: &Path) -> Vec<Vec<u8>> {
+        let mut found = Vec::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(dir) = pending.pop() {
+            for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => pending.push(entry.path()),
+                    Ok(kind) if kind.is_file() => {
+                        found.extend(fs::read(entry.path()).ok());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        found
+    }
+
+    /// Someone with a writable copy moved the version holding a value
+    /// aside (under a name that is not a version's) and left `..data`
+    /// dangling. A withdrawal of that value must not depend on finding it
+    /// through `..data`: the registered version is removed by name and the
+    /// moved copy, a foreign entry, goes too.
+    #[test]
+    fn a_withdrawal_removes_a_version_moved_aside() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let writer = AtomicWriter::open(dir.path())?;
+        writer.write(
+            &payload(&[("revoked", b"sk-revoked", 0o440), ("kept", b"kept", 0o440)]),
+            None,
+        )?;
+        let version = only_version(dir.path())?;
+        fs::rename(dir.path().join(&version), dir.path().join("stash"))?;
+
+        writer.write(&payload(&[("kept", b"kept", 0o440)]), None)?;
+        assert!(
+            !all_contents(dir.path()).iter().any(|c| c == b"sk-revoked"),
+            "the withdrawn value is still in the directory: {:?}",
+            entries(dir.path())
+        );
+        assert_eq!(fs::read(dir.path().join("kept"))?, b"kept");
+        Ok(())
+    }
+
+    /// The files kept by a partial withdrawal are read back from the
+    /// version the writer made, by name, not from wherever `..data` points:
+    /// a planted version with other content is neither read nor kept.
+    #[test]
+    fn read_back_uses_the_registered_version_not_what_data_names() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let writer = AtomicWriter::open(dir.path())?;
+        writer.write(
+            &payload(&[("revoked", b"sk-revoked", 0o440), ("kept", b"real", 0o440)]),
+            None,
+        )?;
+        let planted = "..2020_01_01_00_00_00.1";
+        fs::create_dir(dir.path().join(planted))?;
+        fs::write(dir.path().join(planted).join("kept"), b"planted")?;
+        fs::remove_file(dir.path().join("..data"))?;
+        symlink(planted, dir.path().join("..data"))?;
+
+        let mut kept = writer.read_current()?;
+        kept.remove("revoked");
+        assert_eq!(kept, payload(&[("kept", b"real", 0o440)]));
+        writer.write(&kept, None)?;
+        assert_eq!(fs::read(dir.path().join("kept"))?, b"real");
+        assert_eq!(version_dirs(dir.path()).len(), 1);
+        assert!(!all_contents(dir.path()).iter().any(|c| c == b"planted"));
+        Ok(())
+    }
+
+    /// Swaps the named entry of `dir` for a link to `outside` and back, as
+    /// fast as it can, until `stop`, counting in `swaps`: a race against
+    /// the writer's reads.
+    fn swap_for_a_link_until(
+        dir: PathBuf,
+        name: String,
+        outside: PathBuf,
+        stop: Arc<AtomicBool>,
+        swaps: Arc<AtomicU64>,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let (real, aside) = (dir.join(&name), dir.join("aside"));
+            while !stop.load(Ordering::Relaxed) {
+                if fs::rename(&real, &aside).is_err() {
+                    continue;
+                }
+                let _ = symlink(&outside, &real);
+                std::thread::yield_now();
+                let _ = fs::remove_file(&real);
+                let _ = fs::rename(&aside, &real);
+                swaps.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    }
+
+    /// Runs `step` at least `rounds` times, and on until the other thread
+    /// counted some swaps (bounded: a loaded machine may schedule it late).
+    fn race(rounds: u32, swaps: &AtomicU64, mut step: impl FnMut()) {
+        let started = std::time::Instant::now();
+        let mut done = 0;
+        while done < rounds
+            || (swaps.load(Ordering::Relaxed) < 100
+                && started.elapsed() < std::time::Duration::from_secs(20))
+        {
+            step();
+            done += 1;
+        }
+    }
+
+    /// A version directory swapped for a link to a directory outside,
+    /// again and again while the writer reads it back: whatever the timing,
+    /// nothing outside is ever read (the version is opened once, without
+    /// following links, and its files through that descriptor).
+    #[test]
+    fn read_back_never_follows_a_version_swapped_for_a_link() -> TestResult {
+        let outside = tempfile::tempdir()?;
+        fs::write(outside.path().join("kept"), b"outside")?;
+        let dir = tempfile::tempdir()?;
+        let writer = AtomicWriter::open(dir.path())?;
+        writer.write(&payload(&[("kept", b"inside", 0o440)]), None)?;
+        let version = only_version(dir.path())?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let swaps = Arc::new(AtomicU64::new(0));
+        let swapper = swap_for_a_link_until(
+            dir.path().to_path_buf(),
+            version,
+            outside.path().to_path_buf(),
+            Arc::clone(&stop),
+            Arc::clone(&swaps),
+        );
+        let (mut read, mut refused, mut leaked) = (0_u32, 0_u32, 0_u32);
+        race(20_000, &swaps, || match writer.read_current() {
+            Ok(files) => {
+                read += 1;
+                if files.values().any(|file| file.bytes == b"outside") {
+                    leaked += 1;
+                }
+            }
+            Err(_) => refused += 1,
+        });
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().map_err(|_| "swapper panicked")?;
+        let swaps = swaps.load(Ordering::Relaxed);
+        assert_eq!(
+            leaked, 0,
+            "read outside content ({read} reads, {refused} refused, {swaps} swaps)"
+        );
+        assert!(
+            swaps > 0 && read > 0,
+            "no race: {read} reads, {swaps} swaps"
+        );
+        Ok(())
+    }
+
+    /// A new version directory swapped for a link to a directory outside
+    /// while the writer fills it: the write may fail, but never creates a
+    /// file outside.
+    #[test]
+    fn a_write_never_creates_files_through_a_version_swapped_for_a_link() -> TestResult {
+        let outside = tempfile::tempdir()?;
+        let dir = tempfile::tempdir()?;
+        let writer = AtomicWriter::open(dir.path())?;
+        writer.write(&payload(&[("key", b"v0", 0o440)]), None)?;
+
+        // Swap every version directory but the current one for a link,
+        // as soon as it appears.
+        let stop = Arc::new(AtomicBool::new(false));
+        let swaps = Arc::new(AtomicU64::new(0));
+        let swapper = {
+            let (dir, outside) = (dir.path().to_path_buf(), outside.path().to_path_buf());
+            let (stop, swaps) = (Arc::clone(&stop), Arc::clone(&swaps));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let current = fs::read_link(dir.join("..data")).ok();
+                    for name in version_dirs(&dir) {
+                        let real = dir.join(&name);
+                        if current.as_deref() == Some(Path::new(&name)) || real.is_symlink() {
+                            continue;
+                        }
+                        if fs::rename(&real, dir.join("aside")).is_ok() {
+                            let _ = symlink(&outside, &real);
+                            swaps.fetch_add(1, Ordering::Relaxed);
+                            let _ = fs::remove_dir_all(dir.join("aside"));
+                        }
+                    }
+                }
+            })
+        };
+        let (mut round, mut failed) = (0_u32, 0_u32);
+        race(300, &swaps, || {
+            round += 1;
+            let value = format!("v{round}");
+            if writer
+                .write(&payload(&[("key", value.as_bytes(), 0o440)]), None)
+                .is_err()
+            {
+                failed += 1;
+            }
+        });
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().map_err(|_| "swapper panicked")?;
+        let swaps = swaps.load(Ordering::Relaxed);
+        assert_eq!(
+            entries(outside.path()),
+            Vec::<String>::new(),
+            "files created outside ({round} writes, {failed} failed, {swaps} swaps)"
+        );
+        assert!(swaps > 0, "no race: {round} writes");
         Ok(())
     }
 }

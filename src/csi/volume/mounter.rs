@@ -34,7 +34,8 @@
 //!    [`Mounter::detached_view`] makes such a view once, opens its root and
 //!    detaches the bind at once (`MNT_DETACH`): no path reaches it any more
 //!    (it is not even in mountinfo), but the open directory keeps it alive
-//!    and writable, and the plugin writes through `/proc/self/fd/N`. Every
+//!    and writable, and the plugin writes through that descriptor (with
+//!    `openat2` and the other `*at` calls, see [`super::dir_fd`]). Every
 //!    later write then needs no mount system call and no mountinfo scan,
 //!    which matters when one change touches every volume on the node.
 //!
@@ -68,7 +69,7 @@ use std::hash::{BuildHasher, Hasher, RandomState};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -493,20 +494,23 @@ impl Mounter {
     /// allocated after the target is unmounted, so drop it at unpublish.
     pub fn detached_view(&self, target: &Path) -> Result<DetachedView, MountError> {
         let mut view = self.writable_view(target)?;
-        let dir = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
-            .open(&view.path)
-            .map_err(io_error("open", &view.path))?;
-        let dev = dir
-            .metadata()
-            .map_err(io_error("inspect", &view.path))?
-            .dev();
+        let dir = rustix::fs::open(
+            view.path.as_path(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(rustix_error("open", &view.path))?;
+        let dev = rustix::fs::fstat(&dir)
+            .map_err(rustix_error("inspect", &view.path))?
+            .st_dev;
         nix::mount::umount2(&view.path, MntFlags::UMOUNT_NOFOLLOW | MntFlags::MNT_DETACH)
             .map_err(sys_error("detach writable view", &view.path))?;
         view.mounted = false;
         view.release()?;
-        Ok(DetachedView { dir, dev })
+        Ok(DetachedView {
+            dir: Arc::new(dir),
+            dev,
+        })
     }
 
     /// Unmounts our tmpfs at `target` (every layer of ours, should any be
@@ -828,16 +832,16 @@ impl Drop for WritableView {
 /// [`Mounter::detached_view`]).
 #[derive(Debug)]
 pub struct DetachedView {
-    dir: fs::File,
+    dir: Arc<OwnedFd>,
     /// The tmpfs's device number, to recognise its target.
     dev: u64,
 }
 
 impl DetachedView {
-    /// Where to write: `/proc/self/fd/N/.` (the trailing `.` makes the
-    /// magic link resolve for `lstat` too). Valid only while `self` lives.
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}/.", self.dir.as_raw_fd()))
+    /// The descriptor of the tmpfs's root, writable: every write goes
+    /// through it (see [`super::dir_fd`]). It keeps the tmpfs alive.
+    pub fn dir(&self) -> Arc<OwnedFd> {
+        Arc::clone(&self.dir)
     }
 
     /// The tmpfs's device number: a target whose descriptor shows the
@@ -969,6 +973,7 @@ fn create_unique_dir(parent: &Path) -> Result<PathBuf, MountError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::os::unix::fs::MetadataExt;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -1312,8 +1317,10 @@ mod tests {
             0
         );
         assert_eq!(fixture.mounter.device_of(&target), Some(view.dev()));
-        fs::write(view.path().join("file"), b"through the detached view")?;
-        fs::create_dir(view.path().join("..dir"))?;
+        let dir = view.dir();
+        let file = super::super::dir_fd::create_file(&*dir, OsStr::new("file"), 0o644)?;
+        fs::File::from(file).write_all(b"through the detached view")?;
+        super::super::dir_fd::make_dir(&*dir, OsStr::new("..dir"), 0o755)?;
         assert_eq!(fs::read(target.join("file"))?, b"through the detached view");
         assert!(target.join("..dir").is_dir());
         assert!(
@@ -1531,7 +1538,7 @@ mod propagation_tests {
                 )]
                 .into_iter()
                 .collect();
-                AtomicWriter::new(view.path())
+                AtomicWriter::from_dir(view.dir(), &publish_target, Default::default())
                     .write(&payload, None)
                     .map_err(|error| error.to_string())?;
                 Ok(())

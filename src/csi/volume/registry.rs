@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::atomic_writer::VolumeLayout;
+
 /// Version of the file format; files of another version are reported and
 /// skipped rather than misread.
 pub const REGISTRY_FORMAT_VERSION: u32 = 1;
@@ -86,6 +88,14 @@ pub struct PublishedVolume {
     pub read_only: bool,
     pub published_at: jiff::Timestamp,
     pub updated_at: jiff::Timestamp,
+    /// What the plugin made in the volume's directory, by name: a
+    /// withdrawal removes exactly these and treats anything else as
+    /// foreign. Absent in entries of plugins before it (same format
+    /// version: older plugins ignore the field, this one adopts such a
+    /// volume's layout from its directory once, see
+    /// [`AtomicWriter::layout`](super::atomic_writer::AtomicWriter::layout)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<VolumeLayout>,
 }
 
 /// Errors of the registry. Messages name files and volume ids only.
@@ -352,7 +362,47 @@ mod tests {
             read_only: true,
             published_at,
             updated_at: published_at,
+            layout: Some(VolumeLayout {
+                current: Some("..2026_11_26_10_00_00.1".to_owned()),
+                versions: ["..2026_11_26_10_00_00.1".to_owned()].into(),
+                links: ["api-key".to_owned()].into(),
+            }),
         })
+    }
+
+    /// An entry as the plugin before the layout field wrote it (verbatim
+    /// shape of format version 1): it still loads, with no layout, and an
+    /// entry with a layout still has the fields an older plugin reads.
+    #[test]
+    fn entries_of_an_older_plugin_load_and_newer_ones_stay_readable() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let registry = Registry::open(dir.path())?;
+        let old = r#"{
+  "formatVersion": 1,
+  "volumeId": "csi-old",
+  "targetPath": "/var/lib/kubelet/pods/uid-1/volumes/kubernetes.io~csi/v/mount",
+  "pod": {"namespace": "agents", "name": "claude-0", "uid": "uid-1", "serviceAccountName": "claude"},
+  "agent": "claude",
+  "requestedGrants": [],
+  "grants": [{"grant": "g", "secret": "s", "contentDigest": "00", "files": ["api-key"]}],
+  "fsGroup": 1000,
+  "readOnly": true,
+  "publishedAt": "2026-11-26T10:00:00Z",
+  "updatedAt": "2026-11-26T10:00:00Z"
+}"#;
+        fs::write(registry.path_for("csi-old"), old)?;
+        let loaded = registry.load("csi-old")?.ok_or("old entry not loaded")?;
+        assert_eq!(loaded.layout, None);
+        assert_eq!(loaded.grants[0].files, vec!["api-key".to_owned()]);
+
+        let current = volume("csi-new")?;
+        registry.store(&current)?;
+        let stored: serde_json::Value =
+            serde_json::from_slice(&fs::read(registry.path_for("csi-new"))?)?;
+        assert_eq!(stored["formatVersion"], REGISTRY_FORMAT_VERSION);
+        assert_eq!(stored["layout"]["links"], serde_json::json!(["api-key"]));
+        assert_eq!(registry.load("csi-new")?, Some(current));
+        Ok(())
     }
 
     #[test]

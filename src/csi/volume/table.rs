@@ -10,7 +10,9 @@
 //!
 //! Each volume also keeps its [`VolumeHandle`]: the detached writable view
 //! every write goes through, made once per volume (and again after a
-//! restart).
+//! restart), and the volume's [`VolumeLayout`]. While a handle exists its
+//! layout is the authority (it changes with every write); the entry's copy
+//! follows it and is what the registry persists.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,31 +20,50 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::Notify;
 
-use super::atomic_writer::{AtomicWriter, Retiring};
+use super::atomic_writer::{AtomicWriter, Retiring, SharedLayout, VolumeLayout};
 use super::context::PodToken;
 use super::mounter::{DetachedView, MountError, Mounter};
 use super::registry::PublishedVolume;
 
-/// How one volume is written: its detached writable view and the versions
-/// still within their grace period.
+/// How one volume is written: its detached writable view, what the plugin
+/// made in it and the versions still within their grace period.
 #[derive(Debug)]
 pub struct VolumeHandle {
     view: DetachedView,
+    target: PathBuf,
+    layout: SharedLayout,
     retiring: Retiring,
 }
 
 impl VolumeHandle {
-    pub fn open(mounter: &Mounter, target: &Path) -> Result<Self, MountError> {
+    /// A handle for our tmpfs at `target`, which holds what `layout` names
+    /// (`None`: not recorded, adopted from the directory on first use; an
+    /// empty layout for a fresh tmpfs, or one whose content is not trusted).
+    pub fn open(
+        mounter: &Mounter,
+        target: &Path,
+        layout: Option<VolumeLayout>,
+    ) -> Result<Self, MountError> {
         Ok(Self {
             view: mounter.detached_view(target)?,
+            target: target.to_path_buf(),
+            layout: Arc::new(Mutex::new(layout)),
             retiring: Retiring::default(),
         })
     }
 
-    /// A writer for the volume; valid only while `self` lives (it writes
-    /// through `/proc/self/fd/N`).
+    /// A writer for the volume, through the view's descriptor.
     pub fn writer(&self) -> AtomicWriter {
-        AtomicWriter::new(self.view.path()).with_retiring(self.retiring.clone())
+        AtomicWriter::from_dir(self.view.dir(), &self.target, self.layout.clone())
+            .with_retiring(self.retiring.clone())
+    }
+
+    /// What the plugin made in the volume, as far as known.
+    pub fn layout(&self) -> Option<VolumeLayout> {
+        self.layout
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Whether the volume's target still shows this tmpfs (resolved from
@@ -92,17 +113,23 @@ impl VolumeTable {
         self.volumes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records `entry` (replacing an older one) and updates the token.
-    pub fn upsert(&self, entry: PublishedVolume, token: TokenUpdate) {
+    /// Records `entry` (replacing an older one) and updates the token. The
+    /// entry's layout is the handle's while one serves the same target,
+    /// else the older entry's when `entry` brings none.
+    pub fn upsert(&self, mut entry: PublishedVolume, token: TokenUpdate) {
         {
             let mut volumes = self.lock();
             let (previous, handle) = match volumes.remove(&entry.volume_id) {
                 // A handle belongs to the target it was made for.
-                Some(t) => (
-                    t.token,
-                    t.handle
-                        .filter(|_| t.entry.target_path == entry.target_path),
-                ),
+                Some(t) if t.entry.target_path == entry.target_path => {
+                    if let Some(handle) = &t.handle {
+                        entry.layout = handle.layout();
+                    } else if entry.layout.is_none() {
+                        entry.layout = t.entry.layout;
+                    }
+                    (t.token, t.handle)
+                }
+                Some(t) => (t.token, None),
                 None => (None, None),
             };
             let token = match token {
@@ -145,7 +172,12 @@ impl VolumeTable {
         if let Some(handle) = cached {
             return Ok(handle);
         }
-        let handle = Arc::new(VolumeHandle::open(mounter, target)?);
+        let layout = self
+            .lock()
+            .get(volume_id)
+            .filter(|tracked| tracked.entry.target_path == target)
+            .and_then(|tracked| tracked.entry.layout.clone());
+        let handle = Arc::new(VolumeHandle::open(mounter, target, layout)?);
         if let Some(tracked) = self.lock().get_mut(volume_id)
             && tracked.entry.target_path == target
         {
@@ -154,9 +186,11 @@ impl VolumeTable {
         Ok(handle)
     }
 
-    /// Keeps `handle` for the volume (made by its first publish).
+    /// Keeps `handle` for the volume (made by its first publish), and its
+    /// layout in the entry.
     pub fn set_handle(&self, volume_id: &str, handle: Arc<VolumeHandle>) {
         if let Some(tracked) = self.lock().get_mut(volume_id) {
+            tracked.entry.layout = handle.layout();
             tracked.handle = Some(handle);
         }
     }
@@ -306,6 +340,7 @@ mod tests {
             read_only: true,
             published_at: now,
             updated_at: now,
+            layout: None,
         })
     }
 
