@@ -15,7 +15,7 @@ use crate::csi::grpc::node::tests::{
 };
 use crate::csi::volume::context::GRANTS_KEY;
 use crate::proto::scopehold::v1::invalidation::Kind;
-use crate::proto::scopehold::v1::{Invalidation, ResolveResponse};
+use crate::proto::scopehold::v1::{Invalidation, ResolveResponse, StoreVersions};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -517,5 +517,112 @@ async fn a_tampered_volume_still_loses_a_revoked_value_and_republish_repairs_it(
     );
     assert!(fs::symlink_metadata(fixture.target().join("planted")).is_err());
     assert_eq!(fs::read(outside.join("api-key"))?, b"outside, not ours");
+    Ok(())
+}
+
+/// `versions` of a custody that has seen grants up to `grants`.
+fn at_grants(grants: u64) -> Option<StoreVersions> {
+    Some(StoreVersions {
+        grants,
+        ..Default::default()
+    })
+}
+
+fn only_github_ro() -> ResolveResponse {
+    ResolveResponse {
+        grants: two_grants()
+            .grants
+            .into_iter()
+            .filter(|grant| grant.grant == "github-ro")
+            .collect(),
+        ..two_grants()
+    }
+}
+
+#[tokio::test]
+async fn an_invalidation_during_a_first_publish_makes_its_older_answer_asked_again() -> TestResult {
+    let stale = ResolveResponse {
+        versions: at_grants(90),
+        ..two_grants()
+    };
+    let fixture = Arc::new(Fixture::with_resolver(FakeResolver::new(Ok(stale)))?);
+    fixture.resolver.set_delay(Duration::from_millis(300));
+    let request = fixture.request();
+    let publishing = {
+        let fixture = fixture.clone();
+        tokio::spawn(async move { fixture.service.publish(&request).await })
+    };
+    // The volume is tracked while custody is asked: the revocation (seen
+    // at version 100) concerns it.
+    eventually("the pending volume", || {
+        fixture.service.volumes().len() == 1
+    })
+    .await?;
+    let mut revoked = invalidation(Kind::Revoked, "claude", "supabase-dev", "");
+    revoked.versions = at_grants(100);
+    push::apply(&fixture.service, &revoked);
+    // The first answer (decided at 90) is on its way; the next is current.
+    eventually("the first answer", || {
+        fixture.resolver.requests().len() == 1
+    })
+    .await?;
+    fixture.resolver.set_answer(Ok(ResolveResponse {
+        versions: at_grants(100),
+        ..only_github_ro()
+    }));
+    publishing.await.map_err(|e| e.to_string())??;
+    assert!(files_are(&fixture, &["gh-token"]), "never mounted api-key");
+    assert_eq!(fixture.resolver.requests().len(), 2);
+    idle(&fixture).await?;
+    assert!(files_are(&fixture, &["gh-token"]));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_refresh_answered_by_a_lagging_replica_never_puts_a_withdrawn_grant_back() -> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(ResolveResponse {
+        versions: at_grants(90),
+        ..two_grants()
+    })))?;
+    let request = fixture.request();
+    fixture.service.publish(&request).await?;
+    // One replica announces the revocation at version 100...
+    let mut revoked = invalidation(Kind::Revoked, "claude", "supabase-dev", "");
+    revoked.versions = at_grants(100);
+    push::apply(&fixture.service, &revoked);
+    eventually("api-key withdrawn", || files_are(&fixture, &["gh-token"])).await?;
+    idle(&fixture).await?;
+    // ...then a refresh reaches the other, which has not seen it yet: asked
+    // again a few times, never applied, and the volume is kept as it is.
+    let asked = fixture.resolver.requests().len();
+    push::apply(
+        &fixture.service,
+        &invalidation(Kind::Changed, "claude", "", ""),
+    );
+    idle(&fixture).await?;
+    assert!(
+        files_are(&fixture, &["gh-token"]),
+        "api-key stays withdrawn"
+    );
+    assert_eq!(fixture.resolver.requests().len() - asked, 6);
+    // Caught up: its answer is applied (here a rotated gh-token).
+    fixture.resolver.set_answer(Ok(ResolveResponse {
+        grants: vec![grant(
+            "github-ro",
+            "eeeeeeeeeeee",
+            &[("gh-token", b"rotated", 0o400)],
+        )],
+        versions: at_grants(101),
+        ..two_grants()
+    }));
+    push::apply(
+        &fixture.service,
+        &invalidation(Kind::Changed, "claude", "", ""),
+    );
+    eventually("the current answer applied", || {
+        fs::read(fixture.target().join("gh-token")).is_ok_and(|v| v == b"rotated")
+    })
+    .await?;
+    assert!(files_are(&fixture, &["gh-token"]));
     Ok(())
 }
