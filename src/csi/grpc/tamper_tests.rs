@@ -45,6 +45,7 @@ fn invalidation(kind: Kind, grant: &str) -> Invalidation {
         secret: String::new(),
         content_digest: String::new(),
         occurred_at: None,
+        ..Default::default()
     }
 }
 
