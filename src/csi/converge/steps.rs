@@ -473,9 +473,30 @@ impl<R: Resolver> NodeService<R> {
         if record_changed {
             next.updated_at = jiff::Timestamp::now();
         }
-        let written = self
+        let written = match self
             .write_locked(&next, resolved.payload, record_changed)
-            .await?;
+            .await
+        {
+            Ok(written) => written,
+            Err(error @ PublishError::Write(_)) => {
+                // Grants leave but the directory could not be brought back
+                // to a known state: as for any withdrawal, the pod loses the
+                // volume rather than keep a withdrawn value.
+                let withdrawn: Vec<(PublishedGrant, String)> = entry
+                    .grants
+                    .iter()
+                    .filter(|grant| !next.grants.iter().any(|kept| kept.grant == grant.grant))
+                    .map(|grant| (grant.clone(), "NoLongerGranted".to_owned()))
+                    .collect();
+                if withdrawn.is_empty() {
+                    return Err(error);
+                }
+                return self
+                    .unmount_locked(entry, &withdrawn, &error, Some(request_id))
+                    .await;
+            }
+            Err(error) => return Err(error),
+        };
         self.volumes.upsert(next.clone(), TokenUpdate::Keep);
         self.audit_changes(&entry, &next, request_id);
         if written == WriteOutcome::Written {

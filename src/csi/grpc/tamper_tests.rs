@@ -317,3 +317,53 @@ async fn republish_repairs_a_tampered_volume_that_is_still_granted() -> TestResu
     assert_eq!(fs::read_dir(&outside)?.count(), 1);
     Ok(())
 }
+
+/// Through a writable copy: a directory tree deeper than the plugin takes
+/// apart, planted in the volume.
+fn plant_a_tree_too_deep(fixture: &Fixture<FakeResolver>) -> TestResult {
+    let view = fixture.service.mounter.writable_view(&fixture.target())?;
+    let mut deep = view.path().join("deep");
+    for _ in 0..=crate::csi::volume::dir_fd::MAX_REMOVE_DEPTH {
+        deep.push("d");
+    }
+    fs::create_dir_all(&deep)?;
+    view.close()?;
+    Ok(())
+}
+
+/// A revocation seen by a refresh (a RESYNC re-resolves; custody's answer
+/// lacks the grant) into a directory that
+/// cannot be brought back to a known state: the volume is unmounted rather
+/// than left half withdrawn, and the next publish mounts it afresh with
+/// what is still granted. Before, only withdrawals by grant states had
+/// this fallback: a refresh's failing write just failed.
+#[tokio::test]
+async fn a_revocation_that_cannot_restore_a_known_state_unmounts_and_republish_repairs()
+-> TestResult {
+    let fixture = Fixture::with_resolver(FakeResolver::new(Ok(two_grants())))?;
+    let request = fixture.request();
+    fixture.service.publish(&request).await?;
+    plant_a_tree_too_deep(&fixture)?;
+
+    fixture.resolver.set_answer(Ok(only_github()));
+    push::apply(&fixture.service, &invalidation(Kind::Resync, ""));
+    eventually("the volume to be unmounted", || {
+        fixture.mounts_at(&fixture.target()).is_ok_and(|n| n == 0)
+    })
+    .await?;
+    idle(&fixture).await?;
+    let entry = fixture
+        .registry()?
+        .load(&request.volume_id)?
+        .ok_or("registry entry gone")?;
+    assert!(entry.grants.is_empty(), "{:?}", entry.grants);
+
+    fixture.service.publish(&request).await?;
+    assert_eq!(fixture.mounts_at(&fixture.target())?, 1);
+    assert_eq!(
+        visible_files(&fixture.target())?,
+        ["gh-token".to_owned()].into()
+    );
+    assert!(!holds(&fixture, SECRET_A));
+    Ok(())
+}
