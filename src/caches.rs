@@ -9,6 +9,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use tokio::sync::{broadcast, watch};
 
 use crate::api::{AgentIdentity, SecretGrant};
+use crate::digest::DigestKey;
 use crate::policy::store_index::StoreIndex;
 use crate::secrets::SecretCache;
 use crate::store_versions::{StoreVersions, Versions};
@@ -82,15 +83,16 @@ pub struct CacheWriters {
     pub sync: SyncTracker,
 }
 
-/// Creates empty caches and their writers.
-pub fn new() -> (Caches, CacheWriters) {
+/// Creates empty caches and their writers; content digests of the cached
+/// values are keyed with `digest_key`.
+pub fn new(digest_key: DigestKey) -> (Caches, CacheWriters) {
     let (grants, grant_writer) = reflector::store::<SecretGrant>();
     let (identities, identity_writer) = reflector::store::<AgentIdentity>();
     let sync = SyncTracker::new();
     let caches = Caches {
         grants,
         identities,
-        secrets: Arc::new(SecretCache::default()),
+        secrets: Arc::new(SecretCache::new(digest_key)),
         changes: broadcast::channel(CHANGE_BUFFER).0,
         synced: sync.subscribe(),
         index: Arc::default(),

@@ -14,6 +14,7 @@ pub mod crdgen;
 pub mod csi;
 pub mod custody;
 pub mod demo;
+pub mod digest;
 pub mod event_series;
 pub mod policy;
 pub mod proto;

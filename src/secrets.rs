@@ -1,4 +1,5 @@
-//! A cache of the Secrets that grants refer to, and the content digest.
+//! A cache of the Secrets that grants refer to, with the digest key that
+//! every digest of their values is computed under.
 //!
 //! Memory grows with the granted Secrets, not with every Secret in the cluster:
 //! the Secret watch only refreshes entries that are already cached, and entries
@@ -10,7 +11,8 @@ use std::sync::{Arc, RwLock};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
-use sha2::{Digest, Sha256};
+
+use crate::digest::DigestKey;
 
 /// Bytes of a secret value. Its `Debug` never shows the content, so a value
 /// cannot reach a log line through `{:?}` by accident.
@@ -70,47 +72,12 @@ impl CachedSecret {
     }
 }
 
-/// Keys a grant asks for that the Secret does not have.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("secret has no key(s) {}", .0.join(", "))]
-pub struct MissingKeys(pub Vec<String>);
-
-/// First 12 hex digits of a SHA-256 over the granted keys' names and values,
-/// sorted by key, each length-prefixed so that no two different key sets can
-/// produce the same byte stream.
-pub fn content_digest<'a>(
-    data: &BTreeMap<String, SecretBytes>,
-    keys: impl IntoIterator<Item = &'a str>,
-) -> Result<String, MissingKeys> {
-    let mut keys: Vec<&str> = keys.into_iter().collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let missing: Vec<String> = keys
-        .iter()
-        .filter(|k| !data.contains_key(**k))
-        .map(|k| (*k).to_owned())
-        .collect();
-    if !missing.is_empty() {
-        return Err(MissingKeys(missing));
-    }
-    let mut hasher = Sha256::new();
-    for key in keys {
-        if let Some(value) = data.get(key) {
-            hasher.update((key.len() as u64).to_be_bytes());
-            hasher.update(key.as_bytes());
-            hasher.update((value.0.len() as u64).to_be_bytes());
-            hasher.update(&value.0);
-        }
-    }
-    let digest = hex::encode(hasher.finalize());
-    Ok(digest[..12].to_owned())
-}
-
 type SecretKey = (String, String);
 
 /// Granted Secrets by (namespace, name).
-#[derive(Default)]
 pub struct SecretCache {
+    /// Every content digest of these values is keyed with it.
+    digest_key: DigestKey,
     entries: RwLock<HashMap<SecretKey, Arc<CachedSecret>>>,
     /// One fetch per Secret at a time: concurrent misses (a restart
     /// reconciling thousands of grants over a few Secrets) wait for the first
@@ -130,6 +97,19 @@ pub enum SecretCacheError {
 }
 
 impl SecretCache {
+    pub fn new(digest_key: DigestKey) -> Self {
+        SecretCache {
+            digest_key,
+            entries: RwLock::default(),
+            fetching: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The key of every content digest of these values.
+    pub fn digest_key(&self) -> &DigestKey {
+        &self.digest_key
+    }
+
     fn key(namespace: &str, name: &str) -> SecretKey {
         (namespace.to_owned(), name.to_owned())
     }
@@ -245,40 +225,6 @@ mod tests {
     }
 
     #[test]
-    fn digest_depends_only_on_granted_keys() {
-        let a = data(&[("api", "one"), ("other", "x")]);
-        let b = data(&[("api", "one"), ("other", "y")]);
-        let c = data(&[("api", "two"), ("other", "x")]);
-        let d1 = content_digest(&a, ["api"]);
-        assert_eq!(d1, content_digest(&b, ["api"]));
-        assert_ne!(d1, content_digest(&c, ["api"]));
-        assert_eq!(d1.as_ref().map(|d| d.len()), Ok(12));
-    }
-
-    #[test]
-    fn digest_is_order_independent_and_framed() {
-        let a = data(&[("a", "bc"), ("b", "")]);
-        assert_eq!(
-            content_digest(&a, ["a", "b"]),
-            content_digest(&a, ["b", "a"])
-        );
-        let shifted = data(&[("a", "b"), ("b", "c")]);
-        assert_ne!(
-            content_digest(&a, ["a", "b"]),
-            content_digest(&shifted, ["a", "b"])
-        );
-    }
-
-    #[test]
-    fn digest_reports_missing_keys() {
-        let a = data(&[("api", "one")]);
-        assert_eq!(
-            content_digest(&a, ["api", "gone"]),
-            Err(MissingKeys(vec!["gone".into()]))
-        );
-    }
-
-    #[test]
     fn debug_never_shows_values() {
         let a = data(&[("api", "hunter2")]);
         assert!(!format!("{a:?}").contains("hunter2"));
@@ -286,7 +232,7 @@ mod tests {
 
     #[test]
     fn upsert_keeps_the_newest_resource_version() {
-        let cache = SecretCache::default();
+        let cache = SecretCache::new(crate::digest::DigestKey::from_bytes(&[1; 32]).unwrap());
         let newer = CachedSecret {
             resource_version: Some("20".into()),
             uid: None,

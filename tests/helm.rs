@@ -994,14 +994,23 @@ fn custody_tls_and_plaintext_values() {
     assert!(node_args.contains(&"http://scopehold-custody.scopehold-system.svc:9443".to_string()));
     assert!(!node_args.contains(&"--custody-ca-file".to_string()));
     assert!(volume(ds, "custody-ca").is_none());
-    // Without TLS the controller needs no Secret or ConfigMap of its own.
+    // Without TLS the controller still creates its digest key Secret, but
+    // needs no TLS Secret or ConfigMap of its own.
     assert_eq!(
         role_rules(&plain),
         [
             "leases: create",
             "leases/scopehold-controller: get,update,patch",
+            "secrets: create",
         ]
     );
+    for rendered in [&tls, &plain] {
+        let env = env_names(container(rendered.one("Deployment"), "controller"));
+        assert!(
+            env.contains(&"SCOPEHOLD_DIGEST_KEY_SECRET".to_string()),
+            "{env:?}"
+        );
+    }
 
     // Inconsistent combinations are refused with a clear message.
     let err = try_render(RELEASE, "ns", KUBE_VERSION, &["custody.tls.enabled=false"])
@@ -2218,6 +2227,17 @@ async fn controller_binary_runs_with_only_the_chart_rbac() {
             .get("scopehold-custody-tls")
             .await
             .expect("custody TLS Secret created");
+        let key = Api::<Secret>::namespaced(client.clone(), ns)
+            .get("scopehold-digest-key")
+            .await
+            .expect("digest key Secret created");
+        assert_eq!(
+            key.data
+                .unwrap_or_default()
+                .get("digest.key")
+                .map(|k| k.0.len()),
+            Some(32)
+        );
     }
     let logs = controller.stop();
     assert!(

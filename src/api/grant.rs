@@ -184,8 +184,9 @@ pub struct SecretGrantStatus {
     /// creation + the agent's maxGrantTTL. Absent when the grant never expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
-    /// First 12 hex digits of a SHA-256 over the granted keys' values: changes
-    /// when the Secret is rotated, without revealing the values.
+    /// First 12 hex digits of an HMAC-SHA-256, under the cluster's digest
+    /// key, over the granted keys' values: changes when the Secret (or the
+    /// digest key) is rotated, and cannot be used to test a guessed value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_digest: Option<String>,
     /// When a pod last resolved this grant.

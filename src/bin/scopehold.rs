@@ -12,6 +12,7 @@ use kube::runtime::events::Reporter;
 use prometheus_client::registry::Registry;
 use scopehold::controller::leader::{Leadership, LeaseSettings};
 use scopehold::controller::{self, Metrics, Settings};
+use scopehold::custody::digest_key;
 use scopehold::custody::metrics::CustodyMetrics;
 use scopehold::custody::resolutions::ResolutionLog;
 use scopehold::custody::server::{CustodyService, NodePluginAccount};
@@ -155,6 +156,15 @@ struct CustodyArgs {
         default_value = "scopehold-custody-tls"
     )]
     custody_tls_secret: String,
+    /// Secret (in the controller's namespace, beside the TLS Secret) holding
+    /// the HMAC key of content digests; created when missing, read by every
+    /// replica at start. Delete it and restart the controllers to rotate.
+    #[arg(
+        long,
+        env = "SCOPEHOLD_DIGEST_KEY_SECRET",
+        default_value = "scopehold-digest-key"
+    )]
+    digest_key_secret: String,
     /// ConfigMap where the CA bundle is published for the node plugins.
     #[arg(
         long,
@@ -162,7 +172,8 @@ struct CustodyArgs {
         default_value = "scopehold-custody-ca"
     )]
     custody_ca_configmap: String,
-    /// Namespace of the TLS Secret and CA ConfigMap (the controller's own).
+    /// Namespace of the TLS Secret, the digest key Secret and the CA
+    /// ConfigMap (the controller's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     custody_tls_namespace: String,
     /// Name of the custody Service; the certificate covers its DNS names.
@@ -321,6 +332,8 @@ enum CliError {
     Node(#[from] scopehold::csi::grpc::server::NodePluginError),
     #[error("leader election: {0}")]
     Lease(#[source] scopehold::controller::leader::LeaseError),
+    #[error("content-digest key: {0}")]
+    DigestKey(#[source] scopehold::custody::digest_key::DigestKeyError),
     #[error("custody TLS: {0}")]
     Tls(#[source] scopehold::custody::tls::TlsError),
     #[error(transparent)]
@@ -405,7 +418,21 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         concurrency: args.concurrency,
         volume_size_limit_bytes: args.volume_size_limit,
     };
-    let (caches, writers) = scopehold::caches::new();
+    // Every replica computes digests under the one shared key: statuses,
+    // Events, audit lines and the node plugins' checks agree.
+    let digest_key = digest_key::ensure(
+        &client,
+        &args.custody.custody_tls_namespace,
+        &args.custody.digest_key_secret,
+    )
+    .await
+    .map_err(CliError::DigestKey)?;
+    tracing::info!(
+        secret = %args.custody.digest_key_secret,
+        digestKeyID = digest_key.id(),
+        "content digests are keyed"
+    );
+    let (caches, writers) = scopehold::caches::new(digest_key);
     let mut flush_on_exit = None;
     if let (Some(addr), Some((events, custody_metrics))) = (args.custody_listen, custody_parts) {
         let resolutions = serve_custody(

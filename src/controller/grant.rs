@@ -54,10 +54,7 @@ pub async fn reconcile(grant: Arc<SecretGrant>, ctx: Arc<Context>) -> Result<Act
         Some(identity) => AgentState::Present { identity, conflict },
         None => AgentState::Missing,
     };
-    let secret_state = match &secret {
-        Some(s) => SecretState::Present(&s.data),
-        None => SecretState::Missing,
-    };
+    let secret_state = SecretState::cached(&ctx.caches.secrets, secret.as_deref());
     let now = Timestamp::now();
     let evaluation = evaluate_grant_within(
         &grant,

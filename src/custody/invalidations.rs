@@ -137,9 +137,7 @@ pub async fn grant_states(
                 let e = evaluate_grant(
                     &g,
                     agent_state,
-                    secret
-                        .as_ref()
-                        .map_or(SecretState::Missing, |s| SecretState::Present(&s.data)),
+                    SecretState::cached(&caches.secrets, secret.as_deref()),
                     now,
                 );
                 pb::GrantState {

@@ -5,6 +5,7 @@
 pub mod caller_cache;
 pub mod decide;
 pub mod delivered;
+pub mod digest_key;
 pub mod invalidations;
 pub mod metrics;
 pub mod resolutions;

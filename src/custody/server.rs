@@ -288,9 +288,7 @@ impl CustodyService {
                     identity: &identity,
                     conflict: false,
                 },
-                secret
-                    .as_ref()
-                    .map_or(SecretState::Missing, |s| SecretState::Present(&s.data)),
+                SecretState::cached(&self.caches.secrets, secret.as_deref()),
                 now,
             );
             if let Some(s) = secret {

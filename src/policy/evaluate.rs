@@ -11,7 +11,8 @@ use crate::api::duration;
 use crate::api::identity::AccessEntry;
 use crate::api::validation::{check_file_name, check_secret_key, volume_payload_limit};
 use crate::api::{AgentIdentity, GrantPhase, SecretGrant};
-use crate::secrets::{SecretBytes, content_digest};
+use crate::digest::{DigestKey, content_digest};
+use crate::secrets::{CachedSecret, SecretBytes, SecretCache};
 
 /// What the controller concludes about one grant at one instant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,11 +51,23 @@ pub enum AgentState<'a> {
     },
 }
 
-/// The Secret as far as the grant is concerned.
+/// The Secret as far as the grant is concerned: its values and the key
+/// that their content digest is computed under.
 #[derive(Clone, Copy, Debug)]
 pub enum SecretState<'a> {
     Missing,
-    Present(&'a BTreeMap<String, SecretBytes>),
+    Present(&'a BTreeMap<String, SecretBytes>, &'a DigestKey),
+}
+
+impl<'a> SecretState<'a> {
+    /// A Secret as the cache holds it (or not), digests keyed with the
+    /// cache's key.
+    pub fn cached(cache: &'a SecretCache, secret: Option<&'a CachedSecret>) -> Self {
+        match secret {
+            Some(secret) => SecretState::Present(&secret.data, cache.digest_key()),
+            None => SecretState::Missing,
+        }
+    }
 }
 
 fn whole_seconds(t: Timestamp) -> Timestamp {
@@ -167,8 +180,8 @@ pub fn evaluate_grant_within(
     let expiry = effective_expiry(grant, identity);
     let expires_at = expiry.clone().ok().flatten();
     let digest = match secret {
-        SecretState::Present(data) => {
-            content_digest(data, grant.spec.keys.iter().map(|k| k.key.as_str())).ok()
+        SecretState::Present(data, key) => {
+            content_digest(key, data, grant.spec.keys.iter().map(|k| k.key.as_str())).ok()
         }
         SecretState::Missing => None,
     };
@@ -245,8 +258,8 @@ pub fn evaluate_grant_within(
             Reason::SecretNotFound,
             format!("Secret {secret_name:?} does not exist in this namespace"),
         ),
-        SecretState::Present(data) => {
-            match content_digest(data, grant.spec.keys.iter().map(|k| k.key.as_str())) {
+        SecretState::Present(data, key) => {
+            match content_digest(key, data, grant.spec.keys.iter().map(|k| k.key.as_str())) {
                 Err(missing) => verdict(
                     GrantPhase::Invalid,
                     Reason::KeyNotFound,
@@ -382,6 +395,10 @@ mod tests {
         )
     }
 
+    fn test_key() -> DigestKey {
+        DigestKey::from_bytes(&[9; 32]).unwrap()
+    }
+
     fn data(keys: &[&str]) -> BTreeMap<String, SecretBytes> {
         keys.iter()
             .map(|k| ((*k).to_owned(), SecretBytes(b"v".to_vec())))
@@ -400,7 +417,7 @@ mod tests {
                 identity: a,
                 conflict: false,
             },
-            SecretState::Present(d),
+            SecretState::Present(d, &test_key()),
             ts(now),
         )
     }
@@ -425,7 +442,7 @@ mod tests {
                 identity: &identity(),
                 conflict: false,
             },
-            SecretState::Present(&big),
+            SecretState::Present(&big, &test_key()),
             ts(1_001),
             Some(volume),
         );
@@ -447,7 +464,7 @@ mod tests {
                 identity: &identity(),
                 conflict: false,
             },
-            SecretState::Present(&fits),
+            SecretState::Present(&fits, &test_key()),
             ts(1_001),
             Some(volume),
         );
@@ -534,7 +551,7 @@ mod tests {
                 identity: &a,
                 conflict: true,
             },
-            SecretState::Present(&data(&["api", "other"])),
+            SecretState::Present(&data(&["api", "other"]), &test_key()),
             ts(1_001),
         );
         assert_eq!(conflict.reason, Reason::Conflict);

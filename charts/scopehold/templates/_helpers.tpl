@@ -91,6 +91,10 @@ Custody: Service name, TLS object names, and the address node plugins dial.
 {{- default (printf "%s-custody-tls" (include "scopehold.fullname" .)) .Values.custody.tls.secretName }}
 {{- end }}
 
+{{- define "scopehold.digestKeySecretName" -}}
+{{- printf "%s-digest-key" (include "scopehold.fullname" .) }}
+{{- end }}
+
 {{- define "scopehold.custodyCaConfigMapName" -}}
 {{- default (printf "%s-custody-ca" (include "scopehold.fullname" .)) .Values.custody.tls.caConfigMapName }}
 {{- end }}

@@ -1,0 +1,266 @@
+//! What custody lets out beyond the granted values, against a real
+//! kube-apiserver: content digests are keyed per installation (and the key
+//! shows nowhere).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::objects::{create_grant, create_identity, create_secret, key};
+use common::stack::{node_plugin_token, start_controller_with_custody};
+use common::{
+    AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
+    install_crds, pod_token, test_namespace, wait_for_desc,
+};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use kube::api::Api;
+use kube::{Client, ResourceExt};
+use scopehold::api::{AgentIdentity, SecretGrant};
+use scopehold::proto::scopehold::v1::ResolveRequest;
+use scopehold::proto::scopehold::v1::custody_client::CustodyClient;
+use sha2::{Digest, Sha256};
+
+const WAIT: Duration = Duration::from_secs(20);
+/// A low-entropy value: exactly what an unkeyed digest would let anyone confirm.
+const VALUE: &str = "hunter2";
+
+/// HMAC-SHA-256 (RFC 2104) written out with sha2, independent of the
+/// implementation under test.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    let mut block = [0_u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+/// The framing of one granted key and its value (README, "Content digests").
+fn framed(name: &str, value: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend((name.len() as u64).to_be_bytes());
+    out.extend(name.as_bytes());
+    out.extend((value.len() as u64).to_be_bytes());
+    out.extend(value.as_bytes());
+    out
+}
+
+fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+async fn custody(addr: &str) -> CustodyClient<tonic::transport::Channel> {
+    CustodyClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+/// One installation: its own namespace, node, controller (custody) and
+/// therefore its own digest key, with the same Secret value as every other.
+struct Install {
+    client: Client,
+    ns: String,
+    node: String,
+    plugin_token: String,
+    controllers: Vec<(ControllerProcess, String)>,
+}
+
+impl Install {
+    async fn new(prefix: &str) -> Self {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = test_namespace(&client, prefix).await;
+        let node = format!("{ns}-node");
+        create_node(&client, &node).await;
+        let plugin_token = node_plugin_token(&client, &ns, &node).await;
+        create_secret(&client, &ns, "creds", &[("api", VALUE)]).await;
+        create_service_account(&client, &ns, "bot-sa").await;
+        create_identity(&client, &ns, "bot", "bot-sa", false).await;
+        create_grant(&client, &ns, "g", "bot", "creds", vec![key("api")], |_| {}).await;
+        let mut install = Install {
+            client,
+            ns,
+            node,
+            plugin_token,
+            controllers: Vec::new(),
+        };
+        install.start_replica().await;
+        install
+    }
+
+    /// Starts one more controller replica keeping its key material in the
+    /// installation's namespace.
+    async fn start_replica(&mut self) -> &str {
+        let started =
+            start_controller_with_custody(&self.ns, &["--custody-tls-namespace", &self.ns]).await;
+        self.controllers.push(started);
+        &self.controllers.last().unwrap().1
+    }
+
+    async fn status_digest(&self) -> String {
+        let grants: Api<SecretGrant> = Api::namespaced(self.client.clone(), &self.ns);
+        wait_for_desc("the grant's contentDigest", WAIT, async || {
+            grants.get("g").await.ok()?.status?.content_digest
+        })
+        .await
+    }
+
+    async fn resolve(&self, custody_addr: &str, pod: &str) -> String {
+        let created = create_pod(&self.client, &self.ns, pod, "bot-sa", &self.node).await;
+        let uid = created.uid().unwrap();
+        let token = pod_token(&self.client, &self.ns, "bot-sa", pod, &uid, AUDIENCE, 3600).await;
+        let request = ResolveRequest {
+            request_id: format!("digest-{pod}"),
+            pod_token: token,
+            pod_namespace: self.ns.clone(),
+            pod_name: pod.into(),
+            pod_uid: uid.clone(),
+            service_account_name: "bot-sa".into(),
+            node_name: self.node.clone(),
+            volume_id: format!("csi-{uid}"),
+            ..Default::default()
+        };
+        let answer = custody(custody_addr)
+            .await
+            .resolve(bearer(request, &self.plugin_token))
+            .await
+            .expect("resolved")
+            .into_inner();
+        assert_eq!(answer.grants.len(), 1);
+        assert_eq!(answer.grants[0].files[0].content, VALUE.as_bytes());
+        answer.grants[0].content_digest.clone()
+    }
+
+    async fn key(&self) -> Vec<u8> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        let secret = secrets
+            .get_opt("scopehold-digest-key")
+            .await
+            .unwrap()
+            .expect("the digest key Secret in the controller's namespace");
+        secret.data.unwrap()["digest.key"].0.clone()
+    }
+
+    fn logs(&self) -> String {
+        self.controllers.iter().map(|(c, _)| c.logs()).collect()
+    }
+}
+
+#[tokio::test]
+async fn content_digests_are_keyed_per_installation_and_the_key_shows_nowhere() {
+    let mut one = Install::new("digest-one").await;
+    let two = Install::new("digest-two").await;
+    let (d1, d2) = (one.status_digest().await, two.status_digest().await);
+
+    // Not a plain hash of the value (framed as before, or bare): a guess of
+    // "hunter2" cannot be confirmed from the status.
+    let unkeyed = hex::encode(Sha256::digest(framed("api", VALUE)));
+    let bare = hex::encode(Sha256::digest(VALUE));
+    for d in [&d1, &d2] {
+        assert_eq!(d.len(), 12, "{d}");
+        assert!(
+            !unkeyed.starts_with(d.as_str()) && !bare.starts_with(d.as_str()),
+            "contentDigest {d} is an unkeyed SHA-256 of the value"
+        );
+    }
+    // Two installations, two keys: the same value has different digests.
+    assert_ne!(d1, d2, "two installations gave the same digest");
+
+    // It is the documented HMAC under the key kept in the Secret.
+    let (k1, k2) = (one.key().await, two.key().await);
+    assert_eq!(k1.len(), 32);
+    assert_ne!(k1, k2);
+    let mut message = b"scopehold.dev content digest v1\0".to_vec();
+    message.extend(framed("api", VALUE));
+    assert_eq!(d1, hex::encode(&hmac_sha256(&k1, &message)[..6]));
+    assert_eq!(d2, hex::encode(&hmac_sha256(&k2, &message)[..6]));
+
+    // Custody's answer, a second replica (same key, created once) and the
+    // audit line all carry the status's digest.
+    let first = one.controllers[0].1.clone();
+    assert_eq!(one.resolve(&first, "agent-1").await, d1);
+    let second = one.start_replica().await.to_owned();
+    assert_eq!(one.resolve(&second, "agent-2").await, d1);
+    assert_eq!(one.key().await, k1, "the key was created once");
+    let line = wait_for_desc("the SecretResolved audit line", WAIT, async || {
+        one.controllers
+            .iter()
+            .flat_map(|(c, _)| c.audit_lines())
+            .find(|l| l["event"] == "SecretResolved" && l["pod"] == "agent-2")
+    })
+    .await;
+    assert_eq!(line["contentDigest"], d1.as_str(), "{line}");
+    let events: Api<K8sEvent> = Api::namespaced(one.client.clone(), &one.ns);
+    let event = wait_for_desc("the SecretResolved Event", WAIT, async || {
+        events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("SecretResolved"))
+    })
+    .await;
+    assert!(
+        event.note.as_deref().unwrap_or_default().contains(&d1),
+        "{event:?}"
+    );
+    let grants: Api<SecretGrant> = Api::namespaced(one.client.clone(), &one.ns);
+    wait_for_desc("the resolutions in the status", WAIT, async || {
+        let status = grants.get("g").await.ok()?.status?;
+        (status.recent_resolutions.len() >= 2).then_some(())
+    })
+    .await;
+    let status = grants.get("g").await.unwrap().status.unwrap();
+    assert!(
+        status
+            .recent_resolutions
+            .iter()
+            .all(|r| r.digest.as_deref() == Some(d1.as_str())),
+        "{:?}",
+        status.recent_resolutions
+    );
+
+    // The key itself: in no log line, Event, or status, in any encoding.
+    for (install, key) in [(&one, &k1), (&two, &k2)] {
+        let forms = [
+            hex::encode(key),
+            base64::engine::general_purpose::STANDARD.encode(key),
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(key),
+            String::from_utf8_lossy(key).into_owned(),
+        ];
+        let events: Api<K8sEvent> = Api::namespaced(install.client.clone(), &install.ns);
+        let grants: Api<SecretGrant> = Api::namespaced(install.client.clone(), &install.ns);
+        let agents: Api<AgentIdentity> = Api::namespaced(install.client.clone(), &install.ns);
+        let published = [
+            install.logs(),
+            serde_json::to_string(&events.list(&Default::default()).await.unwrap().items).unwrap(),
+            serde_json::to_string(&grants.list(&Default::default()).await.unwrap().items).unwrap(),
+            serde_json::to_string(&agents.list(&Default::default()).await.unwrap().items).unwrap(),
+        ];
+        for text in &published {
+            for form in &forms {
+                assert!(!text.contains(form.as_str()), "the digest key leaked");
+            }
+            assert!(!text.contains(VALUE), "the value leaked");
+        }
+    }
+}
