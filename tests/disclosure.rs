@@ -1,6 +1,7 @@
 //! What custody lets out beyond the granted values, against a real
 //! kube-apiserver: content digests are keyed per installation (and the key
-//! shows nowhere).
+//! shows nowhere), each node's invalidation stream names only what concerns
+//! its own pods, and a node may report only about pods on it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -10,19 +11,24 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::objects::{create_grant, create_identity, create_secret, key};
-use common::stack::{node_plugin_token, start_controller_with_custody};
+use common::stack::{NODE_PLUGIN_SA, node_plugin_token, start_controller_with_custody};
 use common::{
     AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
     install_crds, pod_token, test_namespace, wait_for_desc,
 };
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use scopehold::api::{AgentIdentity, SecretGrant};
-use scopehold::proto::scopehold::v1::ResolveRequest;
 use scopehold::proto::scopehold::v1::custody_client::CustodyClient;
+use scopehold::proto::scopehold::v1::invalidation::Kind;
+use scopehold::proto::scopehold::v1::{
+    Invalidation, NodeReport, ReportRequest, ResolveRequest, WatchRequest,
+};
+use serde_json::json;
 use sha2::{Digest, Sha256};
+use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
 /// A low-entropy value: exactly what an unkeyed digest would let anyone confirm.
@@ -263,4 +269,271 @@ async fn content_digests_are_keyed_per_installation_and_the_key_shows_nowhere() 
             assert!(!text.contains(VALUE), "the value leaked");
         }
     }
+}
+
+/// A second node plugin identity in `ns`: the node plugin's ServiceAccount,
+/// another Pod of it on `node`, and that Pod's bound token.
+async fn second_plugin_token(client: &Client, ns: &str, node: &str) -> String {
+    let pod = create_pod(client, ns, "node-plugin-b", NODE_PLUGIN_SA, node).await;
+    pod_token(
+        client,
+        ns,
+        NODE_PLUGIN_SA,
+        "node-plugin-b",
+        &pod.uid().unwrap(),
+        AUDIENCE,
+        3600,
+    )
+    .await
+}
+
+/// Two nodes, each running one agent's pod; both plugins subscribed.
+struct TwoNodes {
+    client: Client,
+    ns: String,
+    node_a: String,
+    node_b: String,
+    token_a: String,
+    token_b: String,
+    _controller: ControllerProcess,
+    custody: String,
+}
+
+impl TwoNodes {
+    async fn new(prefix: &str) -> Self {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = test_namespace(&client, prefix).await;
+        let (node_a, node_b) = (format!("{ns}-node-a"), format!("{ns}-node-b"));
+        create_node(&client, &node_a).await;
+        create_node(&client, &node_b).await;
+        let token_a = node_plugin_token(&client, &ns, &node_a).await;
+        let token_b = second_plugin_token(&client, &ns, &node_b).await;
+        create_secret(&client, &ns, "creds-a", &[("api", "value-a")]).await;
+        create_secret(&client, &ns, "creds-b", &[("api", "value-b")]).await;
+        for (agent, node, secret, grant) in [
+            ("bot-a", &node_a, "creds-a", "ga"),
+            ("bot-b", &node_b, "creds-b", "gb"),
+        ] {
+            let sa = format!("{agent}-sa");
+            create_service_account(&client, &ns, &sa).await;
+            create_identity(&client, &ns, agent, &sa, false).await;
+            create_grant(&client, &ns, grant, agent, secret, vec![key("api")], |_| {}).await;
+            create_pod(&client, &ns, &format!("{agent}-pod"), &sa, node).await;
+        }
+        let (controller, custody) = start_controller_with_custody(&ns, &[]).await;
+        TwoNodes {
+            client,
+            ns,
+            node_a,
+            node_b,
+            token_a,
+            token_b,
+            _controller: controller,
+            custody,
+        }
+    }
+
+    async fn subscribe(&self, node: &str, token: &str) -> tonic::Streaming<Invalidation> {
+        let mut stream = custody(&self.custody)
+            .await
+            .watch_invalidations(bearer(
+                WatchRequest {
+                    node_name: node.to_owned(),
+                },
+                token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = next(&mut stream).await;
+        assert_eq!(first.kind(), Kind::Resync);
+        stream
+    }
+
+    async fn patch<K>(&self, name: &str, spec: serde_json::Value)
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        Api::<K>::namespaced(self.client.clone(), &self.ns)
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": spec })),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+async fn next(stream: &mut tonic::Streaming<Invalidation>) -> Invalidation {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an invalidation within 10 s")
+        .expect("stream ok")
+        .expect("stream open")
+}
+
+/// Reads until an invalidation of `kind` about `agent` arrives; returns
+/// everything read, that one last.
+async fn read_until(
+    stream: &mut tonic::Streaming<Invalidation>,
+    kind: Kind,
+    agent: &str,
+) -> Vec<Invalidation> {
+    let mut seen = Vec::new();
+    loop {
+        let m = next(stream).await;
+        let done = m.kind() == kind && m.agent == agent;
+        seen.push(m);
+        if done {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test]
+async fn each_node_hears_only_about_the_agents_whose_pods_it_runs() {
+    let t = TwoNodes::new("fanout").await;
+    let mut on_a = t.subscribe(&t.node_a, &t.token_a).await;
+    let mut on_b = t.subscribe(&t.node_b, &t.token_b).await;
+
+    // Revoking bot-a's grant reaches node A.
+    t.patch::<SecretGrant>("ga", json!({"revoked": true})).await;
+    let seen_a = read_until(&mut on_a, Kind::Revoked, "bot-a").await;
+    assert_eq!(seen_a.last().unwrap().grant, "ga");
+    // Then bot-b's: one stream of changes in order, so had node B been told
+    // about bot-a it would have been told before this.
+    t.patch::<SecretGrant>("gb", json!({"revoked": true})).await;
+    let seen_b = read_until(&mut on_b, Kind::Revoked, "bot-b").await;
+    let leaked: Vec<_> = seen_b
+        .iter()
+        .filter(|m| m.agent == "bot-a" || m.grant == "ga" || m.secret == "creds-a")
+        .collect();
+    assert!(leaked.is_empty(), "node B was told about bot-a: {leaked:?}");
+    // And the other way round, behind a change of bot-a's.
+    t.patch::<AgentIdentity>("bot-a", json!({"suspended": true}))
+        .await;
+    let seen_a = read_until(&mut on_a, Kind::Suspended, "bot-a").await;
+    let leaked: Vec<_> = seen_a
+        .iter()
+        .filter(|m| m.agent == "bot-b" || m.grant == "gb" || m.secret == "creds-b")
+        .collect();
+    assert!(leaked.is_empty(), "node A was told about bot-b: {leaked:?}");
+
+    // A pod of bot-b scheduled to node A later: node A now hears about bot-b.
+    create_pod(&t.client, &t.ns, "bot-b-pod-2", "bot-b-sa", &t.node_a).await;
+    t.patch::<AgentIdentity>("bot-b", json!({"suspended": true}))
+        .await;
+    read_until(&mut on_a, Kind::Suspended, "bot-b").await;
+    read_until(&mut on_b, Kind::Suspended, "bot-b").await;
+}
+
+fn report_about(ns: &str, pod: &str, uid: &str) -> NodeReport {
+    NodeReport {
+        event: "ContentWithdrawn".into(),
+        reason: "Revoked".into(),
+        namespace: ns.into(),
+        agent: "bot-b".into(),
+        grant: "gb".into(),
+        secret: "creds-b".into(),
+        pod_name: pod.into(),
+        pod_uid: uid.into(),
+        keys: vec!["api".into()],
+        content_digest: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_node_may_report_only_about_pods_on_it() {
+    let t = TwoNodes::new("report-scope").await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(t.client.clone(), &t.ns);
+    let uid_b = pods.get("bot-b-pod").await.unwrap().uid().unwrap();
+    let report = |token: &str, reports: Vec<NodeReport>| {
+        let addr = t.custody.clone();
+        let token = token.to_owned();
+        async move {
+            custody(&addr)
+                .await
+                .report(bearer(ReportRequest { reports }, &token))
+                .await
+                .map(|r| r.into_inner().accepted)
+        }
+    };
+
+    // Node A withdrawing content "from" bot-b's pod on node B: refused.
+    let refused = report(&t.token_a, vec![report_about(&t.ns, "bot-b-pod", &uid_b)])
+        .await
+        .expect_err("a report about another node's pod");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("bot-b-pod")
+            && refused.message().contains(&t.node_a)
+            && refused
+                .message()
+                .contains("only about pods on its own node"),
+        "{}",
+        refused.message()
+    );
+    // Mixed with a report about its own pod: the whole call is refused.
+    let uid_a = pods.get("bot-a-pod").await.unwrap().uid().unwrap();
+    let mut own = report_about(&t.ns, "bot-a-pod", &uid_a);
+    own.agent = "bot-a".into();
+    own.grant = "ga".into();
+    let mixed = report(
+        &t.token_a,
+        vec![own.clone(), report_about(&t.ns, "bot-b-pod", &uid_b)],
+    )
+    .await
+    .expect_err("a batch with another node's pod");
+    assert_eq!(mixed.code(), Code::PermissionDenied);
+
+    // Its own pod, and node B about its own: accepted. A pod that does not
+    // exist, or an old UID, cannot be placed: not accepted.
+    assert_eq!(report(&t.token_a, vec![own]).await.unwrap(), 1);
+    assert_eq!(
+        report(&t.token_b, vec![report_about(&t.ns, "bot-b-pod", &uid_b)])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        report(
+            &t.token_b,
+            vec![
+                report_about(&t.ns, "no-such-pod", ""),
+                report_about(&t.ns, "bot-b-pod", "another-uid"),
+            ]
+        )
+        .await
+        .unwrap(),
+        0
+    );
+    // Only the accepted reports became audit lines.
+    let lines: Vec<_> = t
+        ._controller
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "ContentWithdrawn")
+        .collect();
+    let by_node: Vec<(String, String)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["pod"].as_str().unwrap().to_owned(),
+                l["node"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_node,
+        [
+            ("bot-a-pod".to_owned(), t.node_a.clone()),
+            ("bot-b-pod".to_owned(), t.node_b.clone())
+        ]
+    );
 }

@@ -1800,6 +1800,9 @@ async fn controller_service_account_has_exactly_what_it_needs() {
         // Custody: verify tokens, check pods, record decisions.
         ask("create", "tokenreviews.authentication.k8s.io", None),
         ask("get", "pods", o),
+        // Custody: which nodes run an agent's pods (invalidation routing).
+        ask("list", "pods", o),
+        ask("list", "pods", None),
         ask("create", "events.events.k8s.io", o),
         ask("patch", "events.events.k8s.io", o),
         // Leader election and its own TLS material, in the release namespace.
@@ -1885,8 +1888,8 @@ async fn controller_service_account_has_exactly_what_it_needs() {
         ask_named("create", "configmaps", ns, "some-other-config"),
         ask("get", "configmaps", o),
         ask("list", "configmaps", n),
-        // Pods: get only.
-        ask("list", "pods", o),
+        // Pods: read only.
+        ask("watch", "pods", o),
         ask("delete", "pods", o),
         ask("delete", "pods", n),
         ask("create", "pods", o),

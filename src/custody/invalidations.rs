@@ -1,14 +1,14 @@
 //! The push path: changes seen by the watch streams become Invalidation
-//! messages for every connected node plugin, and grant states answer a plugin
-//! that has no pod token at hand (after a restart).
+//! messages (routed to the nodes they concern by [`super::fanout`]), and
+//! grant states answer a plugin that has no pod token at hand (after a
+//! restart).
 
 use std::pin::Pin;
 
-use futures::{Stream, StreamExt, stream};
+use futures::Stream;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
-use tokio_stream::wrappers::BroadcastStream;
 use tonic::Status;
 
 use crate::api::{AgentIdentity, SecretGrant};
@@ -28,7 +28,7 @@ fn timestamp_now() -> prost_types::Timestamp {
     }
 }
 
-fn resync() -> pb::Invalidation {
+pub(crate) fn resync() -> pb::Invalidation {
     pb::Invalidation {
         kind: pb::invalidation::Kind::Resync as i32,
         occurred_at: Some(timestamp_now()),
@@ -66,19 +66,6 @@ pub fn versions_to_proto(versions: Versions) -> Option<pb::StoreVersions> {
         identities: versions.identities,
         secrets: versions.secrets,
     })
-}
-
-/// A RESYNC first (the plugin may have missed changes while disconnected),
-/// then every change; a subscriber that falls behind gets a RESYNC instead of
-/// the changes it missed.
-pub fn stream_for(caches: &Caches) -> InvalidationStream {
-    let changes = BroadcastStream::new(caches.changes.subscribe()).map(|item| {
-        Ok(match item {
-            Ok(change) => to_proto(change),
-            Err(_lagged) => resync(),
-        })
-    });
-    Box::pin(stream::once(async { Ok(resync()) }).chain(changes))
 }
 
 /// Whether each grant may still be held by pods of the named agent.

@@ -6,6 +6,7 @@ pub mod caller_cache;
 pub mod decide;
 pub mod delivered;
 pub mod digest_key;
+pub mod fanout;
 pub mod invalidations;
 pub mod metrics;
 pub mod resolutions;

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use super::caller_cache::CallerCache;
 use super::decide::{self, Denial, DenyReason, GrantedFile, PodAsk, Presenter};
 use super::delivered::Delivered;
+use super::fanout::NodeFanout;
 use super::invalidations::{self, InvalidationStream};
 use super::metrics::{CallerLabel, Counted, CustodyMetrics};
 use super::resolutions::ResolutionLog;
@@ -66,6 +67,9 @@ pub struct CustodyService {
     decision_timeout: Duration,
     /// What each volume was last given, to tell republishes from resolutions.
     delivered: Delivered,
+    /// Routes invalidations to the nodes they concern; started with the
+    /// first stream (inside the runtime).
+    fanout: std::sync::OnceLock<NodeFanout>,
 }
 
 /// Default of [`CustodyService::with_decision_timeout`].
@@ -91,6 +95,7 @@ impl CustodyService {
             metrics,
             decision_timeout: DEFAULT_DECISION_TIMEOUT,
             delivered: Delivered::default(),
+            fanout: std::sync::OnceLock::new(),
         }
     }
 
@@ -634,10 +639,10 @@ impl pb::custody_server::Custody for CustodyService {
             )
             .await??;
         tracing::info!(%node, "node plugin subscribed to invalidations");
-        let stream = Counted::new(
-            invalidations::stream_for(&self.caches),
-            self.metrics.clone(),
-        );
+        let fanout = self
+            .fanout
+            .get_or_init(|| NodeFanout::spawn(self.client.clone(), self.caches.clone()));
+        let stream = Counted::new(fanout.stream_for(node), self.metrics.clone());
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -677,6 +682,12 @@ impl pb::custody_server::Custody for CustodyService {
                 "at most {MAX_REPORTS} reports per call"
             )));
         }
+        let reports = self
+            .within_decision_timeout(
+                "checking the reported pods",
+                self.reports_about_own_pods(&node, reports),
+            )
+            .await??;
         let accepted = self.publish_reports(&node, &reports);
         Ok(Response::new(pb::ReportResponse { accepted }))
     }
@@ -709,12 +720,70 @@ fn checked_report(report: &pb::NodeReport) -> Option<&'static str> {
     let bounded = fields.iter().all(|f| f.len() <= MAX_REPORT_FIELD)
         && report.keys.len() <= 64
         && report.keys.iter().all(|k| k.len() <= MAX_REPORT_FIELD);
-    let named =
-        !report.namespace.is_empty() && !report.grant.is_empty() && !report.pod_name.is_empty();
+    let named = is_dns1123_label(&report.namespace)
+        && is_dns1123_subdomain(&report.pod_name)
+        && !report.grant.is_empty();
     (bounded && named).then_some(event)
 }
 
 impl CustodyService {
+    /// The reports whose pod runs on the calling `node`. A report about a pod
+    /// on another node refuses the whole call: the node plugin never sends
+    /// one, so whoever does is not a well-behaved plugin. Reports about a pod
+    /// that is gone, or was replaced (another UID), cannot be placed and are
+    /// dropped (not accepted).
+    async fn reports_about_own_pods(
+        &self,
+        node: &str,
+        reports: Vec<pb::NodeReport>,
+    ) -> Result<Vec<pb::NodeReport>, Status> {
+        let mut placed: BTreeMap<(String, String), Option<Pod>> = BTreeMap::new();
+        for report in &reports {
+            if checked_report(report).is_none() {
+                continue;
+            }
+            let key = (report.namespace.clone(), report.pod_name.clone());
+            if placed.contains_key(&key) {
+                continue;
+            }
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &report.namespace);
+            let pod = pods.get_opt(&report.pod_name).await.map_err(|e| {
+                Status::unavailable(format!(
+                    "reading pod {}/{} to check the report: {e}",
+                    report.namespace, report.pod_name
+                ))
+            })?;
+            placed.insert(key, pod);
+        }
+        let mut own = Vec::with_capacity(reports.len());
+        for report in reports {
+            let Some(Some(pod)) = placed.get(&(report.namespace.clone(), report.pod_name.clone()))
+            else {
+                continue;
+            };
+            if !report.pod_uid.is_empty()
+                && pod.metadata.uid.as_deref() != Some(report.pod_uid.as_str())
+            {
+                continue;
+            }
+            let pod_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+            if pod_node != Some(node) {
+                tracing::warn!(
+                    %node,
+                    namespace = %report.namespace,
+                    pod = %report.pod_name,
+                    "refused a report about a pod on another node"
+                );
+                return Err(Status::permission_denied(format!(
+                    "pod {}/{} does not run on node {node}: a node plugin may report only about pods on its own node",
+                    report.namespace, report.pod_name
+                )));
+            }
+            own.push(report);
+        }
+        Ok(own)
+    }
+
     /// Turns node-plugin reports into Events regarding the grant, related to
     /// the pod.
     fn publish_reports(&self, node: &str, reports: &[pb::NodeReport]) -> u32 {
