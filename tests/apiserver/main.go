@@ -9,6 +9,11 @@
 // and prints one line "ready <url>" on stdout once /readyz answers. It exits when
 // its standard input closes (the parent test process died or finished), so a
 // crashed test run never leaves an API server behind.
+//
+// Started again on the same --dir, it is the same cluster: it keeps etcd's data,
+// the ports (ports.json), the CA, serving certificate and service-account signing
+// key, and the admin and user tokens, so that a test can restart the API server
+// under running clients and their credentials (and pods' tokens) still work.
 package main
 
 import (
@@ -72,37 +77,26 @@ func run(dir string, port int, watchStdin bool, verbosity string) error {
 		}()
 	}
 
-	etcdURL, err := startEtcd(filepath.Join(dir, "etcd"))
+	ports, err := loadOrPickPorts(filepath.Join(dir, "ports.json"), port)
+	if err != nil {
+		return fmt.Errorf("ports: %w", err)
+	}
+	etcdURL, err := startEtcd(filepath.Join(dir, "etcd"), ports)
 	if err != nil {
 		return fmt.Errorf("etcd: %w", err)
 	}
-	if port == 0 {
-		if port, err = freePort(); err != nil {
-			return err
-		}
-	}
-	pki, err := writePKI(dir)
+	port = ports.APIServer
+	pki, err := loadOrWritePKI(dir)
 	if err != nil {
 		return fmt.Errorf("pki: %w", err)
 	}
-	adminToken := randomToken()
-	users := map[string]string{}
-	lines := []string{fmt.Sprintf("%s,admin,admin-uid,\"system:masters\"", adminToken)}
-	for _, u := range plainUsers {
-		t := randomToken()
-		users[u] = t
-		lines = append(lines, fmt.Sprintf("%s,%s,%s-uid", t, u, u))
-	}
 	tokenFile := filepath.Join(dir, "tokens.csv")
-	if err := os.WriteFile(tokenFile, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
-		return err
+	adminToken, err := loadOrWriteTokens(dir, tokenFile)
+	if err != nil {
+		return fmt.Errorf("tokens: %w", err)
 	}
 	serverURL := fmt.Sprintf("https://127.0.0.1:%d", port)
 	if err := writeKubeconfig(filepath.Join(dir, "kubeconfig"), serverURL, pki.caPEM, adminToken); err != nil {
-		return err
-	}
-	usersJSON, _ := json.MarshalIndent(users, "", "  ")
-	if err := os.WriteFile(filepath.Join(dir, "users.json"), usersJSON, 0o600); err != nil {
 		return err
 	}
 
@@ -130,15 +124,83 @@ func run(dir string, port int, watchStdin bool, verbosity string) error {
 	return cmd.Execute()
 }
 
-func startEtcd(dataDir string) (string, error) {
-	clientPort, err := freePort()
-	if err != nil {
+// clusterPorts are the loopback ports of one cluster, kept in ports.json so that a
+// restart on the same directory listens where clients already connect.
+type clusterPorts struct {
+	APIServer  int `json:"apiserver"`
+	EtcdClient int `json:"etcdClient"`
+	EtcdPeer   int `json:"etcdPeer"`
+}
+
+// loadOrPickPorts reads path, or picks free ports (the API server's is `port`
+// when not 0) and writes them there.
+func loadOrPickPorts(path string, port int) (clusterPorts, error) {
+	var ports clusterPorts
+	if data, err := os.ReadFile(path); err == nil {
+		if err := json.Unmarshal(data, &ports); err != nil {
+			return ports, fmt.Errorf("%s: %w", path, err)
+		}
+		if port != 0 && port != ports.APIServer {
+			return ports, fmt.Errorf("--port %d differs from port %d kept in %s", port, ports.APIServer, path)
+		}
+		return ports, nil
+	} else if !os.IsNotExist(err) {
+		return ports, err
+	}
+	var err error
+	if ports.EtcdClient, err = freePort(); err != nil {
+		return ports, err
+	}
+	if ports.EtcdPeer, err = freePort(); err != nil {
+		return ports, err
+	}
+	ports.APIServer = port
+	if ports.APIServer == 0 {
+		if ports.APIServer, err = freePort(); err != nil {
+			return ports, err
+		}
+	}
+	data, _ := json.MarshalIndent(ports, "", "  ")
+	return ports, os.WriteFile(path, data, 0o600)
+}
+
+// loadOrWriteTokens keeps tokens.csv and users.json of an earlier start, or
+// makes new tokens for the admin and the plain users. Returns the admin token.
+func loadOrWriteTokens(dir, tokenFile string) (string, error) {
+	if data, err := os.ReadFile(tokenFile); err == nil {
+		first, _, _ := strings.Cut(string(data), "\n")
+		token, rest, found := strings.Cut(first, ",")
+		if !found || !strings.HasPrefix(rest, "admin,") {
+			return "", fmt.Errorf("%s: the first line is not the admin's", tokenFile)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "users.json")); err != nil {
+			return "", err
+		}
+		return token, nil
+	} else if !os.IsNotExist(err) {
 		return "", err
 	}
-	peerPort, err := freePort()
-	if err != nil {
+	adminToken := randomToken()
+	users := map[string]string{}
+	lines := []string{fmt.Sprintf("%s,admin,admin-uid,\"system:masters\"", adminToken)}
+	for _, u := range plainUsers {
+		t := randomToken()
+		users[u] = t
+		lines = append(lines, fmt.Sprintf("%s,%s,%s-uid", t, u, u))
+	}
+	usersJSON, _ := json.MarshalIndent(users, "", "  ")
+	if err := os.WriteFile(filepath.Join(dir, "users.json"), usersJSON, 0o600); err != nil {
 		return "", err
 	}
+	// Last: its presence marks a complete set.
+	if err := os.WriteFile(tokenFile, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
+		return "", err
+	}
+	return adminToken, nil
+}
+
+func startEtcd(dataDir string, ports clusterPorts) (string, error) {
+	clientPort, peerPort := ports.EtcdClient, ports.EtcdPeer
 	cfg := embed.NewConfig()
 	cfg.Dir = dataDir
 	cfg.Name = "scopehold"
@@ -192,6 +254,29 @@ type pkiFiles struct {
 	certFile  string
 	keyFile   string
 	saKeyFile string
+}
+
+// loadOrWritePKI keeps the CA, serving certificate and signing key of an earlier
+// start in dir, or makes them.
+func loadOrWritePKI(dir string) (*pkiFiles, error) {
+	p := &pkiFiles{
+		certFile:  filepath.Join(dir, "apiserver.crt"),
+		keyFile:   filepath.Join(dir, "apiserver.key"),
+		saKeyFile: filepath.Join(dir, "sa.key"),
+	}
+	caPEM, err := os.ReadFile(filepath.Join(dir, "ca.crt"))
+	if os.IsNotExist(err) {
+		return writePKI(dir)
+	} else if err != nil {
+		return nil, err
+	}
+	for _, path := range []string{p.certFile, p.keyFile, p.saKeyFile} {
+		if _, err := os.Stat(path); err != nil {
+			return nil, fmt.Errorf("ca.crt is kept but %w", err)
+		}
+	}
+	p.caPEM = caPEM
+	return p, nil
 }
 
 // writePKI makes a throwaway CA, a serving certificate for 127.0.0.1/localhost
@@ -248,15 +333,18 @@ func writePKI(dir string) (*pkiFiles, error) {
 		saKeyFile: filepath.Join(dir, "sa.key"),
 	}
 	writes := map[string][]byte{
-		filepath.Join(dir, "ca.crt"): p.caPEM,
-		p.certFile:                   pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srvDER}),
-		p.keyFile:                    pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(srvKey)}),
-		p.saKeyFile:                  pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(saKey)}),
+		p.certFile:  pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srvDER}),
+		p.keyFile:   pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(srvKey)}),
+		p.saKeyFile: pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(saKey)}),
 	}
 	for path, data := range writes {
 		if err := os.WriteFile(path, data, 0o600); err != nil {
 			return nil, err
 		}
+	}
+	// Last: its presence marks a complete set for the next start.
+	if err := os.WriteFile(filepath.Join(dir, "ca.crt"), p.caPEM, 0o600); err != nil {
+		return nil, err
 	}
 	return p, nil
 }

@@ -63,11 +63,65 @@ pub struct ApiServer {
     /// Bearer tokens of the plain users (`alice`, `bob`, `mallory`): they
     /// authenticate, belong to no group, and may do nothing until a test binds a role.
     pub users: BTreeMap<String, String>,
-    /// The child process; held so it is never reaped while the tests run.
-    _child: Child,
+    /// The test API server binary (for [`ApiServer::start`] after a stop).
+    bin: PathBuf,
+    /// The running process; `None` while stopped.
+    process: Mutex<Option<Running>>,
+}
+
+/// A running API server process.
+struct Running {
+    /// Held so it is never reaped while the tests run.
+    child: Child,
     /// The write end of the child's stdin: the binary exits when it closes, i.e. when
-    /// this test process exits, however it exits. Never written to.
-    _stdin: ChildStdin,
+    /// this test process exits (however it exits) or [`ApiServer::stop`] drops it.
+    /// Never written to.
+    stdin: ChildStdin,
+}
+
+/// How long a stopping API server may take to exit before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl ApiServer {
+    /// Stops the API server (and its etcd): clients see connections refused until
+    /// [`ApiServer::start`]. The server is shared by every test of the binary, so
+    /// only a test binary with a single test may stop it.
+    pub fn stop(&self) {
+        let Some(Running { mut child, stdin }) = self.process.lock().unwrap().take() else {
+            return;
+        };
+        // Closing stdin is the binary's signal to exit.
+        drop(stdin);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while child.try_wait().ok().flatten().is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the API server again on the same directory after [`ApiServer::stop`]:
+    /// the same URL, CA, serving certificate, service-account signing key, tokens
+    /// and objects (etcd's data is kept). Blocks until it is ready.
+    pub fn start(&self) {
+        let mut process = self.process.lock().unwrap();
+        if process.is_some() {
+            return;
+        }
+        let (running, url) =
+            spawn_server(&self.bin, &self.dir).unwrap_or_else(|message| panic!("{message}"));
+        assert_eq!(url, self.url, "the restarted API server moved");
+        *process = Some(running);
+    }
+
+    /// [`ApiServer::stop`] then [`ApiServer::start`].
+    pub fn restart(&self) {
+        self.stop();
+        self.start();
+    }
 }
 
 static SERVER: OnceLock<Result<ApiServer, String>> = OnceLock::new();
@@ -89,14 +143,39 @@ fn start_server() -> Result<ApiServer, String> {
     let run_dir = run_dir();
     let dir = run_dir.join("apiserver");
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let log_path = dir.join("apiserver.log");
-
     let bin = apiserver_binary()?;
-    let log =
-        File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
-    let mut child = Command::new(&bin)
+    let (running, url) = spawn_server(&bin, &dir)?;
+
+    let users_path = dir.join("users.json");
+    let users: BTreeMap<String, String> = std::fs::read(&users_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| format!("reading {}: {e}", users_path.display()))?;
+
+    Ok(ApiServer {
+        url,
+        kubeconfig: dir.join("kubeconfig"),
+        dir,
+        run_dir,
+        users,
+        bin,
+        process: Mutex::new(Some(running)),
+    })
+}
+
+/// Starts the API server binary on `dir` (reusing what an earlier start left
+/// there) and waits for its `ready <url>` line.
+fn spawn_server(bin: &Path, dir: &Path) -> Result<(Running, String), String> {
+    let log_path = dir.join("apiserver.log");
+    // Appended: a restart keeps the earlier run's log.
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
+    let mut child = Command::new(bin)
         .arg("--dir")
-        .arg(&dir)
+        .arg(dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
@@ -150,22 +229,7 @@ fn start_server() -> Result<ApiServer, String> {
         started.elapsed().as_secs_f64(),
         dir.display()
     );
-
-    let users_path = dir.join("users.json");
-    let users: BTreeMap<String, String> = std::fs::read(&users_path)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        .map_err(|e| format!("reading {}: {e}", users_path.display()))?;
-
-    Ok(ApiServer {
-        url,
-        kubeconfig: dir.join("kubeconfig"),
-        dir,
-        run_dir,
-        users,
-        _child: child,
-        _stdin: stdin,
-    })
+    Ok((Running { child, stdin }, url))
 }
 
 /// Path of the test kube-apiserver binary: `$SCOPEHOLD_APISERVER_BIN` if set (CI
