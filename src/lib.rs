@@ -22,4 +22,5 @@ pub mod proxy;
 pub mod secrets;
 pub mod store_versions;
 pub mod telemetry;
+pub mod usage;
 pub mod webhook;

@@ -583,6 +583,8 @@ fn controller_deployment_is_locked_down() {
             "ghcr.io/scopehold/scopehold:0.1.0",
             "--proxy-port",
             "15001",
+            "--proxy-usage-url",
+            "https://scopehold-custody.scopehold-system.svc:9444/usage",
         ]
     );
     let sc = &c["securityContext"];

@@ -26,6 +26,7 @@ use serde_json::json;
 const WAIT: Duration = Duration::from_secs(30);
 const IMAGE: &str = "example.test/scopehold:webhook-test";
 const VALUE: &str = "webhook-value-never-in-a-pod";
+const USAGE_URL: &str = "https://scopehold-custody.scopehold-system.svc:9444/usage";
 
 /// The chart's webhook, pointed at the controller on loopback and limited to
 /// one test namespace (other tests' pods never reach it).
@@ -74,15 +75,29 @@ fn pod(name: &str, annotated: bool) -> Pod {
     .unwrap()
 }
 
-/// `kubectl scopehold inject` on the same pod.
-fn cli_inject(ns: &str, pod: &Pod) -> Pod {
+/// `kubectl scopehold inject` on the same pod, with the same sidecar
+/// settings as the controller's flags.
+fn cli_inject(ns: &str, pod: &Pod, ca_pem: &str) -> Pod {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pod.yaml");
     std::fs::write(&file, serde_yaml::to_string(pod).unwrap()).unwrap();
+    let ca = dir.path().join("ca.crt");
+    std::fs::write(&ca, ca_pem).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_kubectl-scopehold"))
         .arg("--kubeconfig")
         .arg(&server().kubeconfig)
-        .args(["-n", ns, "inject", "--image", IMAGE, "-f"])
+        .args([
+            "-n",
+            ns,
+            "inject",
+            "--image",
+            IMAGE,
+            "--usage-url",
+            USAGE_URL,
+        ])
+        .arg("--usage-ca-file")
+        .arg(&ca)
+        .arg("-f")
         .arg(&file)
         .env_remove("KUBECONFIG")
         .output()
@@ -110,6 +125,8 @@ async fn annotated_pods_get_the_sidecar_others_pass_and_a_down_webhook_fails_clo
             &config_name,
             "--proxy-image",
             IMAGE,
+            "--proxy-usage-url",
+            USAGE_URL,
             "--custody-tls-namespace",
             &ns,
             "--custody-tls-san",
@@ -211,7 +228,14 @@ async fn annotated_pods_get_the_sidecar_others_pass_and_a_down_webhook_fails_clo
         .flatten()
         .map(|v| v.name.as_str())
         .collect();
-    assert_eq!(volumes, ["scopehold-proxy-values", "scopehold-proxy-agent"]);
+    assert_eq!(
+        volumes,
+        [
+            "scopehold-proxy-values",
+            "scopehold-proxy-agent",
+            "scopehold-proxy-token"
+        ]
+    );
     let agent = &spec.containers[0];
     let env = |name: &str| {
         agent
@@ -241,7 +265,7 @@ async fn annotated_pods_get_the_sidecar_others_pass_and_a_down_webhook_fails_clo
     // One code path: `kubectl scopehold inject` gives the same pod. Its output
     // goes through the same API server defaulting (a dry run under another
     // name; the webhook leaves an injected pod alone).
-    let mut printed = cli_inject(&ns, &pod("coder", true));
+    let mut printed = cli_inject(&ns, &pod("coder", true), &ca);
     printed.metadata.name = Some("coder-cli".into());
     let dry = pods
         .create(

@@ -198,6 +198,17 @@ pub struct SecretGrantStatus {
     /// The most recent resolutions, newest first (bounded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_resolutions: Vec<Resolution>,
+    /// Delivery `proxy`: requests the proxy sidecars injected this grant's
+    /// keys into, as they reported them (in batches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses: Option<i64>,
+    /// Delivery `proxy`: the latest such request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Time>,
+    /// Delivery `proxy`: where it was used recently, per pod and host, most
+    /// recent first (bounded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_uses: Vec<RecentUse>,
     /// Generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -215,6 +226,18 @@ pub struct Resolution {
     pub time: Time,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+}
+
+/// Uses of a proxy grant by one pod against one host.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecentUse {
+    pub pod: String,
+    /// `host:port`.
+    pub host: String,
+    pub count: i64,
+    pub first_at: Time,
+    pub last_at: Time,
 }
 
 impl SecretGrant {

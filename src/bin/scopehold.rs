@@ -111,6 +111,12 @@ struct WebhookArgs {
     /// Loopback port of the injected sidecar.
     #[arg(long, env = "SCOPEHOLD_PROXY_PORT", default_value_t = 15001)]
     proxy_port: u16,
+    /// Where injected sidecars report their uses: this webhook listener's
+    /// `/usage` as the pods reach it (e.g.
+    /// https://scopehold-custody.scopehold-system.svc:9444/usage). Without
+    /// it, sidecars only write audit lines.
+    #[arg(long, env = "SCOPEHOLD_WEBHOOK_USAGE_URL")]
+    proxy_usage_url: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -311,6 +317,23 @@ struct ProxyArgs {
     /// How often (ms) the values volume is checked for rotation/revocation.
     #[arg(long, env = "SCOPEHOLD_PROXY_POLL_MS", default_value_t = 100)]
     poll_ms: u64,
+    /// Report uses to this https:// URL (the controller's /usage); without
+    /// it, uses are only in the audit lines.
+    #[arg(long, env = "SCOPEHOLD_PROXY_USAGE_URL")]
+    usage_url: Option<http::Uri>,
+    /// PEM of the CA of the usage URL's certificate (the custody CA).
+    #[arg(long, env = "SCOPEHOLD_PROXY_USAGE_CA", allow_hyphen_values = true)]
+    usage_ca: Option<String>,
+    /// The sidecar's bound ServiceAccount token (audience scopehold.dev).
+    #[arg(
+        long,
+        env = "SCOPEHOLD_PROXY_TOKEN_FILE",
+        default_value = "/var/run/secrets/scopehold.dev/proxy/token"
+    )]
+    token_file: PathBuf,
+    /// How often (ms) uses are reported.
+    #[arg(long, env = "SCOPEHOLD_PROXY_REPORT_MS", default_value_t = 5000)]
+    report_ms: u64,
     /// Log format on stdout.
     #[arg(long, env = "SCOPEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
@@ -326,6 +349,8 @@ enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error("proxy: --usage-url and --usage-ca go together")]
+    UsageFlags,
     #[error("proxy rules: {0}")]
     ProxyRules(#[from] scopehold::proxy::rules::RulesError),
     #[error("node plugin: {0}")]
@@ -455,6 +480,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
             &args.custody,
             client.clone(),
             caches.clone(),
+            args.instance.clone(),
         )
         .await?;
     }
@@ -648,6 +674,7 @@ async fn serve_webhook(
     custody: &CustodyArgs,
     client: kube::Client,
     caches: scopehold::caches::Caches,
+    instance: Option<String>,
 ) -> Result<(), CliError> {
     let material = tls::ensure(&client, &custody_tls_settings(custody))
         .await
@@ -659,18 +686,50 @@ async fn serve_webhook(
     tracing::info!(webhook_addr = %bound, "admission webhook serving");
     if let Some(name) = args.webhook_configuration.clone() {
         tokio::spawn(scopehold::webhook::ca_bundle::keep(
-            client,
+            client.clone(),
             name,
-            material.ca_pem,
+            material.ca_pem.clone(),
             std::time::Duration::from_secs(30),
         ));
     }
+    // Usage reports: counted into statuses in batches, one Event series
+    // per grant.
+    let log = Arc::new(scopehold::usage::log::UsageLog::default());
+    {
+        let (log, client) = (log.clone(), client.clone());
+        let every = std::time::Duration::from_millis(custody.status_flush_ms.max(100));
+        tokio::spawn(async move { log.run(client, every).await });
+    }
+    let events = EventSink::new(
+        client.clone(),
+        Reporter {
+            controller: "scopehold-usage".into(),
+            instance: instance.clone(),
+        },
+    );
+    tokio::spawn(events.clone().run(std::time::Duration::from_millis(
+        custody.event_flush_ms.max(50),
+    )));
+    let intake = scopehold::usage::intake::Intake {
+        client: client.clone(),
+        caches: caches.clone(),
+        log,
+        events: Some(events),
+    };
     let webhook = Arc::new(scopehold::webhook::Webhook {
         caches,
         sidecar: scopehold::proxy::pod::SidecarSettings {
             image: args.proxy_image.clone(),
             port: args.proxy_port,
+            usage: args
+                .proxy_usage_url
+                .clone()
+                .map(|url| scopehold::proxy::pod::UsageTarget {
+                    url,
+                    ca_pem: material.ca_pem.clone(),
+                }),
         },
+        usage: Some(Arc::new(intake)),
     });
     tokio::spawn(async move {
         if let Err(error) = scopehold::webhook::serve(listener, config, webhook).await {
@@ -728,6 +787,16 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), CliError> {
         pod: args.pod,
         upstream_ca_files: args.upstream_ca,
         poll: std::time::Duration::from_millis(args.poll_ms.clamp(10, 5000)),
+        report: match (args.usage_url, args.usage_ca) {
+            (Some(url), Some(ca_pem)) => Some(scopehold::proxy::report::ReportSettings {
+                url,
+                ca_pem,
+                token_file: args.token_file,
+                every: std::time::Duration::from_millis(args.report_ms.clamp(100, 600_000)),
+            }),
+            (None, None) => None,
+            _ => return Err(CliError::UsageFlags),
+        },
     };
     let (_, serving) = scopehold::proxy::start(settings).await?;
     tokio::select! {

@@ -100,6 +100,8 @@ pub enum Command {
     Audit(AuditArgs),
     /// Incident path: every grant, agent and pod that received a Secret; optionally revoke them all.
     Exposure(ExposureArgs),
+    /// Where and when a proxy grant's keys were used (all grants of an agent when no grant has that name).
+    Usage(UsageArgs),
     /// Print a pod with the proxy sidecar added, as the admission webhook adds it (delivery mode proxy).
     Inject(InjectArgs),
     /// Run ScopeHold locally (a real API server, the controller, the node plugin) and walk the five steps and the incident path.
@@ -141,6 +143,18 @@ pub struct AuditArgs {
     /// At most this many records.
     #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     pub limit: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct UsageArgs {
+    /// SecretGrant name, or AgentIdentity name (when no grant has that name).
+    pub name: String,
+    /// NAME is an AgentIdentity, even if a grant has the same name.
+    #[arg(long)]
+    pub agent: bool,
+    /// Only places used within this long, such as 1h or 30m.
+    #[arg(long, value_name = "DURATION")]
+    pub since: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -226,4 +240,11 @@ pub struct InjectArgs {
         default_value = "ghcr.io/scopehold/scopehold:latest"
     )]
     pub image: String,
+    /// Where the sidecar reports uses (the controller's /usage, as the
+    /// webhook's --proxy-usage-url); needs --usage-ca-file.
+    #[arg(long, env = "SCOPEHOLD_USAGE_URL", requires = "usage_ca_file")]
+    pub usage_url: Option<String>,
+    /// PEM of the custody CA (the `ca.crt` of the scopehold-custody-ca ConfigMap).
+    #[arg(long, env = "SCOPEHOLD_USAGE_CA_FILE", requires = "usage_url")]
+    pub usage_ca_file: Option<String>,
 }

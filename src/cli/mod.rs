@@ -38,6 +38,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Audit(a) => commands::audit::run(&ctx, a).await,
         Command::Exposure(a) => commands::exposure::run(&ctx, a).await,
         Command::Inject(a) => commands::inject::run(&ctx, a).await,
+        Command::Usage(a) => commands::usage::run(&ctx, a).await,
         Command::Demo => crate::demo::run().await.map_err(CliError::Demo),
     }
 }

@@ -63,7 +63,7 @@ impl ProxyUse {
         if self.decision == Decision::Allowed
             && let Some(usage) = &self.usage
         {
-            usage.record(&self.grants);
+            usage.record(&self.grants, &self.host);
         }
         tracing::info!(
             target: TARGET,
@@ -88,32 +88,80 @@ impl ProxyUse {
     }
 }
 
-/// Uses per grant since the last report: what `uses`/`lastUsedAt` in the
-/// grant's status are built from.
+/// Uses per grant and host since the last report: what `uses`,
+/// `lastUsedAt` and `recentUses` in the grant's status are built from.
 #[derive(Default, Debug)]
 pub struct Usage {
-    counts: Mutex<BTreeMap<String, (u64, Timestamp)>>,
+    counts: Mutex<BTreeMap<(String, String), UseCount>>,
+}
+
+/// Requests of one grant to one host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UseCount {
+    pub count: u64,
+    pub first: Timestamp,
+    pub last: Timestamp,
 }
 
 impl Usage {
-    pub fn record(&self, grants: &[String]) {
+    pub fn record(&self, grants: &[String], host: &str) {
         let now = Timestamp::now();
         let mut counts = self.lock();
         for g in grants {
-            let entry = counts.entry(g.clone()).or_insert((0, now));
-            entry.0 += 1;
-            entry.1 = now;
+            let entry = counts
+                .entry((g.clone(), host.to_owned()))
+                .or_insert(UseCount {
+                    count: 0,
+                    first: now,
+                    last: now,
+                });
+            entry.count += 1;
+            entry.last = now;
         }
     }
 
-    /// Takes the counts gathered since the last call.
-    pub fn take(&self) -> BTreeMap<String, (u64, Timestamp)> {
+    /// Takes the counts gathered since the last call, by (grant, host).
+    pub fn take(&self) -> BTreeMap<(String, String), UseCount> {
         std::mem::take(&mut *self.lock())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (u64, Timestamp)>> {
+    /// Puts back counts that could not be reported, merged with newer ones.
+    pub fn restore(&self, older: BTreeMap<(String, String), UseCount>) {
+        let mut counts = self.lock();
+        for (key, old) in older {
+            counts
+                .entry(key)
+                .and_modify(|new| {
+                    new.count += old.count;
+                    new.first = old.first;
+                })
+                .or_insert(old);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), UseCount>> {
         self.counts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreported_counts_are_not_lost() {
+        let usage = Usage::default();
+        usage.record(&["a".into(), "b".into()], "h:443");
+        usage.record(&["a".into()], "h:443");
+        let first = usage.take();
+        assert_eq!(first[&("a".into(), "h:443".into())].count, 2);
+        usage.record(&["a".into()], "h:443");
+        usage.restore(first);
+        let merged = usage.take();
+        assert_eq!(merged[&("a".into(), "h:443".into())].count, 3);
+        assert_eq!(merged[&("b".into(), "h:443".into())].count, 1);
+        assert!(usage.take().is_empty());
     }
 }

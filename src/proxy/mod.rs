@@ -9,6 +9,7 @@ pub mod ca;
 pub mod inject;
 pub mod pod;
 pub mod render;
+pub mod report;
 pub mod rules;
 pub mod scrub;
 pub mod server;
@@ -47,6 +48,8 @@ pub struct ProxySettings {
     pub upstream_ca_files: Vec<PathBuf>,
     /// How often the values volume is checked for changes.
     pub poll: Duration,
+    /// Where uses are reported (none: audit lines only).
+    pub report: Option<report::ReportSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,8 @@ pub enum ProxyError {
     },
     #[error("serving: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("usage reports: {0}")]
+    Report(#[from] report::ReportError),
 }
 
 /// Prepares everything, binds, and returns the bound address and the
@@ -82,6 +87,7 @@ pub async fn start(
     ProxyError,
 > {
     let upstream_tls = upstream_config(&settings.upstream_ca_files)?;
+    let report_tls = settings.report.as_ref().map(report::check).transpose()?;
     let ca = ca::PodCa::generate()?;
     let placeholders = values::placeholders(&settings.agent_dir, &settings.rules)?;
     values::write_public(
@@ -95,6 +101,10 @@ pub async fn start(
     let store = values::ValueStore::new(settings.values_dir.clone(), &settings.rules);
     let present = store.reload();
     tokio::spawn(store.clone().watch(settings.poll));
+    let usage = Arc::new(audit::Usage::default());
+    if let (Some(report), Some(tls)) = (settings.report.clone(), report_tls) {
+        tokio::spawn(report::run(usage.clone(), report, tls));
+    }
     let proxy = Arc::new(server::Proxy {
         namespace: settings.rules.namespace.clone(),
         agent: settings.rules.agent.clone(),
@@ -103,7 +113,7 @@ pub async fn start(
         values: store,
         ca,
         upstream_tls,
-        usage: Arc::new(audit::Usage::default()),
+        usage,
     });
     let listener = server::bind(settings.listen)
         .await

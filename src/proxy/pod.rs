@@ -8,8 +8,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    CSIVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    ObjectFieldSelector, Pod, Probe, Volume, VolumeMount,
+    CSIVolumeSource, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    ExecAction, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
@@ -27,6 +28,9 @@ pub const AGENT_MOUNT: &str = "/var/run/scopehold";
 const SIDECAR_VALUES: &str = "/var/run/scopehold/values";
 const SIDECAR_AGENT: &str = "/var/run/scopehold/agent";
 pub const CSI_DRIVER: &str = "csi.scopehold.dev";
+/// The sidecar's own bound token (usage reports), in the sidecar only.
+pub const TOKEN_VOLUME: &str = "scopehold-proxy-token";
+pub const TOKEN_MOUNT: &str = "/var/run/secrets/scopehold.dev/proxy";
 
 /// How the sidecar is run.
 #[derive(Clone, Debug)]
@@ -34,6 +38,15 @@ pub struct SidecarSettings {
     /// The ScopeHold image (`/scopehold` inside).
     pub image: String,
     pub port: u16,
+    /// Where the sidecar reports uses; none: audit lines only.
+    pub usage: Option<UsageTarget>,
+}
+
+/// The controller's usage endpoint and the CA of its certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageTarget {
+    pub url: String,
+    pub ca_pem: String,
 }
 
 impl Default for SidecarSettings {
@@ -41,6 +54,7 @@ impl Default for SidecarSettings {
         SidecarSettings {
             image: "ghcr.io/scopehold/scopehold:latest".into(),
             port: 15001,
+            usage: None,
         }
     }
 }
@@ -62,6 +76,10 @@ pub enum InjectError {
         "agent {agent:?} has no active SecretGrant with delivery: proxy in namespace {namespace:?}; grant one before starting the pod"
     )]
     NoProxyGrants { agent: String, namespace: String },
+    #[error(
+        "the pod sets shareProcessNamespace: true, which would let the agent read the sidecar's memory and files (the values); remove it"
+    )]
+    SharedProcessNamespace,
     #[error("the pod already has a volume or container named {0:?}")]
     NameTaken(String),
     #[error("rendering the proxy rules: {0}")]
@@ -102,9 +120,14 @@ pub fn inject(
     }
     let rules_json = serde_json::to_string(rules).map_err(|e| InjectError::Rules(e.to_string()))?;
     let spec = pod.spec.as_mut().ok_or(InjectError::NoSpec)?;
+    // With one process namespace, /proc/<sidecar>/root and /mem are open to
+    // the agent's processes: the values would be one `cat` away.
+    if spec.share_process_namespace == Some(true) {
+        return Err(InjectError::SharedProcessNamespace);
+    }
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
     let init = spec.init_containers.get_or_insert_with(Vec::new);
-    for name in [VALUES_VOLUME, AGENT_VOLUME] {
+    for name in [VALUES_VOLUME, AGENT_VOLUME, TOKEN_VOLUME] {
         if volumes.iter().any(|v| v.name == name) {
             return Err(InjectError::NameTaken(name.into()));
         }
@@ -142,47 +165,94 @@ pub fn inject(
         }),
         ..Default::default()
     });
+    if settings.usage.is_some() {
+        volumes.push(Volume {
+            name: TOKEN_VOLUME.into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(crate::api::TOKEN_AUDIENCE.into()),
+                        expiration_seconds: Some(3600),
+                        path: "token".into(),
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     let listen = format!("127.0.0.1:{}", settings.port);
     let env = |name: &str, value: &str| EnvVar {
         name: name.into(),
         value: Some(value.into()),
         ..Default::default()
     };
+    let mut sidecar_env = vec![
+        env("SCOPEHOLD_PROXY_RULES", &rules_json),
+        env("SCOPEHOLD_PROXY_LISTEN", &listen),
+        env("SCOPEHOLD_PROXY_VALUES_DIR", SIDECAR_VALUES),
+        env("SCOPEHOLD_PROXY_AGENT_DIR", SIDECAR_AGENT),
+        EnvVar {
+            name: "POD_NAME".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
+    let mut sidecar_mounts = vec![
+        VolumeMount {
+            name: VALUES_VOLUME.into(),
+            mount_path: SIDECAR_VALUES.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: AGENT_VOLUME.into(),
+            mount_path: SIDECAR_AGENT.into(),
+            ..Default::default()
+        },
+    ];
+    if let Some(usage) = &settings.usage {
+        sidecar_env.push(env("SCOPEHOLD_PROXY_USAGE_URL", &usage.url));
+        sidecar_env.push(env("SCOPEHOLD_PROXY_USAGE_CA", &usage.ca_pem));
+        sidecar_env.push(env(
+            "SCOPEHOLD_PROXY_TOKEN_FILE",
+            &format!("{TOKEN_MOUNT}/token"),
+        ));
+        sidecar_mounts.push(VolumeMount {
+            name: TOKEN_VOLUME.into(),
+            mount_path: TOKEN_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     let sidecar = Container {
         name: SIDECAR_NAME.into(),
         image: Some(settings.image.clone()),
         args: Some(vec!["proxy".into()]),
         restart_policy: Some("Always".into()),
-        env: Some(vec![
-            env("SCOPEHOLD_PROXY_RULES", &rules_json),
-            env("SCOPEHOLD_PROXY_LISTEN", &listen),
-            env("SCOPEHOLD_PROXY_VALUES_DIR", SIDECAR_VALUES),
-            env("SCOPEHOLD_PROXY_AGENT_DIR", SIDECAR_AGENT),
-            EnvVar {
-                name: "POD_NAME".into(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "metadata.name".into(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
+        env: Some(sidecar_env),
+        volume_mounts: Some(sidecar_mounts),
+        // Its own user, no privileges: nothing in the agent's containers
+        // shares its identity.
+        security_context: Some(SecurityContext {
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
                 ..Default::default()
-            },
-        ]),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: VALUES_VOLUME.into(),
-                mount_path: SIDECAR_VALUES.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: AGENT_VOLUME.into(),
-                mount_path: SIDECAR_AGENT.into(),
-                ..Default::default()
-            },
-        ]),
+            }),
+            ..Default::default()
+        }),
         // The probe runs in the sidecar's network namespace (the pod's), so
         // it reaches the loopback listener; kubelet starts the next
         // containers only after it passes, when the agent's files exist.
@@ -299,7 +369,11 @@ pub fn admission_patch(
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter(|v| v["name"] == VALUES_VOLUME || v["name"] == AGENT_VOLUME)
+        .filter(|v| {
+            [VALUES_VOLUME, AGENT_VOLUME, TOKEN_VOLUME]
+                .iter()
+                .any(|n| v["name"] == *n)
+        })
         .cloned()
         .collect();
     if raw.pointer("/spec/volumes").is_some_and(Value::is_array) {
@@ -491,6 +565,58 @@ mod tests {
                 other => panic!("cannot add into {other}"),
             }
         }
+    }
+
+    #[test]
+    fn a_shared_process_namespace_is_refused() {
+        let mut shared = pod();
+        shared.spec.as_mut().unwrap().share_process_namespace = Some(true);
+        assert_eq!(
+            inject(&shared, &rules(), &SidecarSettings::default()),
+            Err(InjectError::SharedProcessNamespace)
+        );
+    }
+
+    #[test]
+    fn usage_reports_use_a_token_only_the_sidecar_mounts() {
+        let settings = SidecarSettings {
+            usage: Some(UsageTarget {
+                url: "https://c.ns.svc:9444/usage".into(),
+                ca_pem: "PEM".into(),
+            }),
+            ..Default::default()
+        };
+        let out = inject(&pod(), &rules(), &settings).unwrap();
+        let spec = out.spec.as_ref().unwrap();
+        let token = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == TOKEN_VOLUME)
+            .unwrap();
+        let projection = token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
+            .service_account_token
+            .as_ref()
+            .unwrap();
+        assert_eq!(projection.audience.as_deref(), Some("scopehold.dev"));
+        let mounting: Vec<_> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .filter(|c| {
+                c.volume_mounts
+                    .iter()
+                    .flatten()
+                    .any(|m| m.name == TOKEN_VOLUME)
+            })
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(mounting, [SIDECAR_NAME]);
+        let mut raw = serde_json::to_value(pod()).unwrap();
+        let patch = admission_patch(&raw, &out, &settings).unwrap();
+        apply(&mut raw, &patch);
+        assert_eq!(raw, serde_json::to_value(&out).unwrap());
     }
 
     #[test]

@@ -41,10 +41,15 @@ pub enum WebhookError {
     Tls(String),
 }
 
+/// Where proxy sidecars report their uses.
+pub const USAGE_PATH: &str = "/usage";
+
 /// What every request shares.
 pub struct Webhook {
     pub caches: Caches,
     pub sidecar: SidecarSettings,
+    /// Takes the sidecars' usage reports (`POST /usage`).
+    pub usage: Option<Arc<crate::usage::intake::Intake>>,
 }
 
 /// A rustls server configuration from PEM certificate chain and key.
@@ -110,6 +115,12 @@ async fn handle(
     webhook: Arc<Webhook>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    if req.method() == Method::POST
+        && req.uri().path() == USAGE_PATH
+        && let Some(intake) = webhook.usage.clone()
+    {
+        return Ok(usage(&intake, req).await);
+    }
     if req.method() != Method::POST || req.uri().path() != MUTATE_PATH {
         return Ok(reply(
             StatusCode::NOT_FOUND,
@@ -164,6 +175,41 @@ async fn handle(
         "admission review"
     );
     Ok(reply(StatusCode::OK, response.into_review().to_string()))
+}
+
+/// A sidecar's usage report.
+async fn usage(
+    intake: &crate::usage::intake::Intake,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let bearer = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned());
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(error) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": format!("reading the body: {error}")}).to_string(),
+            );
+        }
+    };
+    match intake.accept(bearer.as_deref(), &body).await {
+        Ok(counted) => reply(
+            StatusCode::OK,
+            serde_json::json!({ "counted": counted }).to_string(),
+        ),
+        Err(error) => {
+            tracing::warn!(%error, "usage report refused");
+            reply(
+                StatusCode::from_u16(error.status()).unwrap_or(StatusCode::FORBIDDEN),
+                serde_json::json!({ "error": error.to_string() }).to_string(),
+            )
+        }
+    }
 }
 
 /// The pod's proxy rules from the controller's caches (the same

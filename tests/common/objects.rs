@@ -111,3 +111,25 @@ pub fn expired_token(ns: &str, sa: &str, pod: &str, uid: &str) -> String {
     )
     .expect("sign")
 }
+
+/// A token of ServiceAccount `ns/sa` for ScopeHold's audience that is bound
+/// to no pod.
+pub async fn unbound_token(client: &Client, ns: &str, sa: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![AUDIENCE.to_string()],
+            expiration_seconds: Some(600),
+            bound_object_ref: None,
+        },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest for {ns}/{sa}: {e}"))
+        .status
+        .expect("TokenRequest status")
+        .token
+}

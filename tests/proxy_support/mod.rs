@@ -188,6 +188,19 @@ impl Sidecar {
         rules: &serde_json::Value,
         upstream_ca: &Path,
     ) -> Sidecar {
+        Self::start_with(binary, values_dir, agent_dir, cwd, rules, upstream_ca, &[])
+    }
+
+    /// [`Sidecar::start`] with more flags (e.g. usage reporting).
+    pub fn start_with(
+        binary: &Path,
+        values_dir: &Path,
+        agent_dir: &Path,
+        cwd: &Path,
+        rules: &serde_json::Value,
+        upstream_ca: &Path,
+        extra: &[&str],
+    ) -> Sidecar {
         let mut child = Command::new(binary)
             .args(["proxy", "--listen", "127.0.0.1:0", "--pod", "agent-pod-1"])
             .arg("--values-dir")
@@ -198,6 +211,7 @@ impl Sidecar {
             .arg(upstream_ca)
             .arg("--rules")
             .arg(rules.to_string())
+            .args(extra)
             .current_dir(cwd)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())

@@ -111,6 +111,20 @@ runs (it serves with custody's certificate, so it needs custody TLS).
 has(object.metadata.annotations) && 'scopehold.dev/inject' in object.metadata.annotations && object.metadata.annotations['scopehold.dev/inject'] == 'proxy'
 {{- end }}
 
+{{/*
+Where injected sidecars report their uses: the webhook listener's /usage at
+custody's address (the serving certificate covers it).
+*/}}
+{{- define "scopehold.proxyUsageUrl" -}}
+{{- if .Values.custody.address }}
+{{- $host := .Values.custody.address | toString }}
+{{- if contains ":" $host }}{{- $host = printf "[%s]" $host }}{{- end }}
+{{- printf "https://%s:%v/usage" $host .Values.proxyInjector.port }}
+{{- else }}
+{{- printf "https://%s.%s.svc:%v/usage" (include "scopehold.custodyServiceName" .) .Release.Namespace .Values.proxyInjector.port }}
+{{- end }}
+{{- end }}
+
 {{- define "scopehold.proxyInjectorEnabled" -}}
 {{- if and .Values.proxyInjector.enabled (ne (include "scopehold.custodyPlaintext" .) "true") }}
 {{- "true" }}

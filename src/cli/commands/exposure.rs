@@ -51,6 +51,14 @@ pub struct ExposedGrant {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resolutions: Option<i64>,
     pub pods: Vec<Receipt>,
+    /// Delivery `proxy`: requests the sidecars injected its keys into.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uses: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Timestamp>,
+    /// Delivery `proxy`: where it was used (pod, host), most recent first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub used: Vec<super::usage::UsePlace>,
     /// More resolutions were counted than the status and Events still
     /// describe: older pods may be missing from `pods`.
     pub possibly_incomplete: bool,
@@ -122,7 +130,11 @@ pub fn exposure(
             let status = g.status.clone().unwrap_or_default();
             let pods = receipts(g, events);
             let known = i64::try_from(status.recent_resolutions.len()).unwrap_or(i64::MAX);
+            let usage = super::usage::usage(g, None);
             ExposedGrant {
+                uses: status.uses,
+                last_used_at: usage.last_used_at,
+                used: usage.places,
                 grant: g.name_any(),
                 agent: g.spec.agent.clone(),
                 phase: status.phase,
@@ -288,6 +300,25 @@ fn print_report(report: &Exposure) -> Result<(), CliError> {
         }
     }
     output::print(&t.render())?;
+    let used: Vec<super::usage::GrantUsage> = report
+        .grants
+        .iter()
+        .filter(|g| g.uses.is_some_and(|n| n > 0))
+        .map(|g| super::usage::GrantUsage {
+            grant: g.grant.clone(),
+            agent: g.agent.clone(),
+            secret: report.secret.clone(),
+            delivery: crate::api::DeliveryMode::Proxy,
+            uses: g.uses.unwrap_or(0),
+            last_used_at: g.last_used_at,
+            places: g.used.clone(),
+            possibly_incomplete: false,
+        })
+        .collect();
+    if !used.is_empty() {
+        output::print("\nUsed through the proxy sidecar (the agents never held the value):\n")?;
+        output::print(&super::usage::render(&used))?;
+    }
     output::print(&format!("{}\n", summary(report)))
 }
 

@@ -10,7 +10,7 @@ use kube::api::ListParams;
 use crate::cli::args::InjectArgs;
 use crate::cli::error::{CliError, api};
 use crate::cli::{Ctx, OutputFormat};
-use crate::proxy::pod::{SidecarSettings, inject};
+use crate::proxy::pod::{SidecarSettings, UsageTarget, inject};
 use crate::proxy::render::{rules_for, service_account};
 
 pub async fn run(ctx: &Ctx, args: &InjectArgs) -> Result<(), CliError> {
@@ -45,8 +45,17 @@ pub async fn run(ctx: &Ctx, args: &InjectArgs) -> Result<(), CliError> {
         &grants.items,
     )
     .map_err(|e| CliError::invalid(e.to_string()))?;
+    let usage = match (&args.usage_url, &args.usage_ca_file) {
+        (Some(url), Some(file)) => Some(UsageTarget {
+            url: url.clone(),
+            ca_pem: std::fs::read_to_string(file)
+                .map_err(|e| CliError::invalid(format!("reading {file}: {e}")))?,
+        }),
+        _ => None,
+    };
     let settings = SidecarSettings {
         image: args.image.clone(),
+        usage,
         ..Default::default()
     };
     let changed = inject(&pod, &rules, &settings).map_err(|e| CliError::invalid(e.to_string()))?;

@@ -8,3 +8,4 @@ pub mod exposure;
 pub mod grant;
 pub mod inject;
 pub mod state;
+pub mod usage;
