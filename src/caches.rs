@@ -33,7 +33,7 @@ pub struct Caches {
 }
 
 /// What kind of change happened.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ChangeKind {
     Revoked,
     Expired,

@@ -215,6 +215,7 @@ pub async fn run(
         || kube::runtime::controller::Config::default().concurrency(settings.concurrency.max(1));
     let grants = Controller::for_stream(grant_stream, caches.grants.clone())
         .with_config(config())
+        .trigger_backoff(watch_health::NoExtraBackoff)
         .reconcile_on(grant_rx)
         .reconcile_all_on(became_leader())
         .shutdown_on_signal()
@@ -222,6 +223,7 @@ pub async fn run(
         .for_each(|_| futures::future::ready(()));
     let identities = Controller::for_stream(identity_stream, caches.identities.clone())
         .with_config(config())
+        .trigger_backoff(watch_health::NoExtraBackoff)
         .reconcile_on(identity_rx)
         .reconcile_all_on(became_leader())
         .shutdown_on_signal()

@@ -129,6 +129,78 @@ where
 /// changes to announce at its end.
 type Relist<P> = (HashSet<(String, String)>, Vec<P>);
 
+/// What one event, or a whole relist, tells the node plugins and the
+/// controllers: every change and every object to re-evaluate goes out once,
+/// however many of the batch's events touch it (a repeated change keeps the
+/// highest version of each kind). A relist after an outage may find hundreds
+/// of new identities on one ServiceAccount, each of which names all the
+/// others as peers: sent one by one that was quadratic, and overflowed the
+/// invalidation buffer, so a suspension in the same relist could reach the
+/// node plugins only as a RESYNC.
+#[derive(Default)]
+struct Batch {
+    changes: Vec<Change>,
+    /// Index in `changes` by everything but the versions.
+    index: HashMap<ChangeKey, usize>,
+    identities: HashSet<ObjectRef<AgentIdentity>>,
+    grants: HashSet<ObjectRef<SecretGrant>>,
+}
+
+type ChangeKey = (
+    ChangeKind,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+impl Batch {
+    fn change(&mut self, change: Change) {
+        let key = (
+            change.kind,
+            change.namespace.clone(),
+            change.agent.clone(),
+            change.grant.clone(),
+            change.secret.clone(),
+            change.content_digest.clone(),
+        );
+        match self.index.get(&key) {
+            Some(&at) => {
+                let held = &mut self.changes[at].versions;
+                held.grants = held.grants.max(change.versions.grants);
+                held.identities = held.identities.max(change.versions.identities);
+                held.secrets = held.secrets.max(change.versions.secrets);
+            }
+            None => {
+                self.index.insert(key, self.changes.len());
+                self.changes.push(change);
+            }
+        }
+    }
+
+    /// Publishes the changes (in the order first seen) and queues each
+    /// object once.
+    fn send(
+        self,
+        caches: &Caches,
+        identity_tx: &UnboundedSender<ObjectRef<AgentIdentity>>,
+        grant_tx: Option<&UnboundedSender<ObjectRef<SecretGrant>>>,
+    ) {
+        for change in self.changes {
+            caches.publish(change);
+        }
+        for identity in self.identities {
+            let _ = identity_tx.unbounded_send(identity);
+        }
+        if let Some(grant_tx) = grant_tx {
+            for grant in self.grants {
+                let _ = grant_tx.unbounded_send(grant);
+            }
+        }
+    }
+}
+
 /// An object's resourceVersion as a number (0: unknown).
 fn version_of<K: Resource>(object: &K) -> u64 {
     parse_resource_version(object.meta().resource_version.as_deref()).unwrap_or(0)
@@ -173,14 +245,9 @@ struct PendingGrant {
     version: u64,
 }
 
-/// Tells the node plugins (through `caches.changes`) and the identity
-/// controller about one grant change the store already holds.
-fn announce_grant(
-    caches: &Caches,
-    identity_tx: &UnboundedSender<ObjectRef<AgentIdentity>>,
-    pending: PendingGrant,
-    deleted: bool,
-) {
+/// Adds one grant change the store already holds to `batch`: for the node
+/// plugins (through `caches.changes`) and the identity controller.
+fn announce_grant(caches: &Caches, batch: &mut Batch, pending: PendingGrant, deleted: bool) {
     let PendingGrant {
         namespace: ns,
         name,
@@ -196,9 +263,11 @@ fn announce_grant(
         change.grant = Some(name);
         change.secret = Some(known.secret.clone());
         change.content_digest = digest;
-        caches.publish(change);
+        batch.change(change);
     }
-    let _ = identity_tx.unbounded_send(ObjectRef::new(&known.agent).within(&ns));
+    batch
+        .identities
+        .insert(ObjectRef::new(&known.agent).within(&ns));
     if deleted && !caches.secret_is_referenced(&ns, &known.secret) {
         caches.secrets.remove(&ns, &known.secret);
     }
@@ -270,6 +339,7 @@ pub(super) fn grants(
                     if listed_once {
                         let vanished: Vec<(String, String)> =
                             seen.keys().filter(|k| !listed.contains(*k)).cloned().collect();
+                        let mut batch = Batch::default();
                         for key in vanished {
                             let Some(known) = seen.remove(&key) else { continue };
                             tracing::info!(namespace = %key.0, grant = %key.1, "grant deleted while the watch was down");
@@ -284,11 +354,12 @@ pub(super) fn grants(
                                 kind: Some(ChangeKind::Deleted),
                                 version: caches.versions.get(Watched::Grants),
                             };
-                            announce_grant(&caches, &identity_tx, gone, true);
+                            announce_grant(&caches, &mut batch, gone, true);
                         }
                         for change in pending {
-                            announce_grant(&caches, &identity_tx, change, false);
+                            announce_grant(&caches, &mut batch, change, false);
                         }
+                        batch.send(&caches, &identity_tx, None);
                     }
                     listed_once = true;
                     return sync.grants_listed();
@@ -326,7 +397,9 @@ pub(super) fn grants(
                 kind,
                 version: version_of(grant),
             };
-            announce_grant(&caches, &identity_tx, change, deleted);
+            let mut batch = Batch::default();
+            announce_grant(&caches, &mut batch, change, deleted);
+            batch.send(&caches, &identity_tx, None);
         })
         .touched_objects()
 }
@@ -343,15 +416,16 @@ struct PendingIdentity {
     version: u64,
 }
 
-/// Tells the node plugins about an identity change the store already holds,
-/// and re-evaluates the identities that share (or shared) its ServiceAccount
-/// and the grants of all of them.
-fn announce_identity(
-    caches: &Caches,
-    identity_tx: &UnboundedSender<ObjectRef<AgentIdentity>>,
-    grant_tx: &UnboundedSender<ObjectRef<SecretGrant>>,
-    change: PendingIdentity,
-) {
+/// Adds an identity change the store already holds to `batch`: for the node
+/// plugins, the identities that share (or shared) its ServiceAccount, and
+/// the grants of all of them.
+///
+/// Peers are concerned only when the claim itself changes (the identity is
+/// new, deleted or moved to another ServiceAccount): a suspension, a spec
+/// edit or the controller's own Conflict status write concerns this agent
+/// alone. (Announcing every status write to every peer made n identities on
+/// one ServiceAccount cost n² changes.)
+fn announce_identity(caches: &Caches, batch: &mut Batch, change: PendingIdentity) {
     let PendingIdentity {
         namespace: ns,
         name,
@@ -362,20 +436,24 @@ fn announce_identity(
         version,
     } = change;
     let changed = deleted || previous.as_ref() != Some(&snapshot);
-    let mut service_accounts = vec![snapshot.service_account.clone()];
-    service_accounts.extend(
-        previous
-            .map(|p| p.service_account)
-            .filter(|p| *p != service_accounts[0]),
-    );
+    let claim_changed =
+        deleted || previous.as_ref().map(|p| &p.service_account) != Some(&snapshot.service_account);
     let mut agents: HashSet<String> = HashSet::from([name.clone()]);
-    for sa in &service_accounts {
-        for peer in caches.identities_claiming(&ns, sa) {
-            let peer = peer.name_any();
-            if peer != name {
-                let _ = identity_tx.unbounded_send(ObjectRef::new(&peer).within(&ns));
+    if claim_changed {
+        let mut service_accounts = vec![snapshot.service_account.clone()];
+        service_accounts.extend(
+            previous
+                .map(|p| p.service_account)
+                .filter(|p| *p != service_accounts[0]),
+        );
+        for sa in &service_accounts {
+            for peer in caches.identities_claiming(&ns, sa) {
+                let peer = peer.name_any();
+                if peer != name {
+                    batch.identities.insert(ObjectRef::new(&peer).within(&ns));
+                }
+                agents.insert(peer);
             }
-            agents.insert(peer);
         }
     }
     if let Some(kind) = kind {
@@ -392,7 +470,7 @@ fn announce_identity(
             let mut change = Change::new(peer_kind, &ns);
             change.versions = Versions::of(Watched::Identities, version);
             change.agent = Some(agent.clone());
-            caches.publish(change);
+            batch.change(change);
         }
     }
     // Identity status writes (access lists) change nothing for grants.
@@ -401,7 +479,7 @@ fn announce_identity(
     }
     for agent in &agents {
         for grant in caches.grants_of_agent(&ns, agent) {
-            let _ = grant_tx.unbounded_send(ObjectRef::from_obj(grant.as_ref()));
+            batch.grants.insert(ObjectRef::from_obj(grant.as_ref()));
         }
     }
 }
@@ -468,6 +546,7 @@ pub(super) fn identities(
                     if listed_once {
                         let vanished: Vec<(String, String)> =
                             seen.keys().filter(|k| !listed.contains(*k)).cloned().collect();
+                        let mut batch = Batch::default();
                         for key in vanished {
                             let Some(snapshot) = seen.remove(&key) else { continue };
                             tracing::info!(namespace = %key.0, agent = %key.1, "identity deleted while the watch was down");
@@ -481,11 +560,12 @@ pub(super) fn identities(
                                 deleted: true,
                                 version: caches.versions.get(Watched::Identities),
                             };
-                            announce_identity(&caches, &identity_tx, &grant_tx, gone);
+                            announce_identity(&caches, &mut batch, gone);
                         }
                         for change in pending {
-                            announce_identity(&caches, &identity_tx, &grant_tx, change);
+                            announce_identity(&caches, &mut batch, change);
                         }
+                        batch.send(&caches, &identity_tx, Some(&grant_tx));
                     }
                     listed_once = true;
                     return sync.identities_listed();
@@ -513,7 +593,9 @@ pub(super) fn identities(
                 deleted,
                 version: version_of(identity),
             };
-            announce_identity(&caches, &identity_tx, &grant_tx, change);
+            let mut batch = Batch::default();
+            announce_identity(&caches, &mut batch, change);
+            batch.send(&caches, &identity_tx, Some(&grant_tx));
         })
         .touched_objects()
 }
@@ -714,5 +796,136 @@ fn index_identity_event(caches: &Caches, event: &Event<AgentIdentity>) {
             });
         }
         Event::Init => {}
+    }
+}
+#[cfg(test)]
+mod tests {
+    use kube::api::ObjectMeta;
+
+    use super::*;
+    use crate::api::AgentIdentitySpec;
+
+    fn identity(name: &str, service_account: &str) -> AgentIdentity {
+        let mut identity = AgentIdentity::new(
+            name,
+            AgentIdentitySpec {
+                service_account_name: service_account.into(),
+                ..Default::default()
+            },
+        );
+        identity.metadata = ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("team".into()),
+            generation: Some(1),
+            ..Default::default()
+        };
+        identity
+    }
+
+    /// Caches whose stores hold `identities`, as after a relist.
+    fn caches_with(identities: &[AgentIdentity]) -> Caches {
+        let key = crate::digest::DigestKey::from_bytes(&[7; 32]).expect("32-byte key");
+        let (caches, mut writers) = crate::caches::new(key);
+        writers.identities.apply_watcher_event(&Event::Init);
+        for i in identities {
+            writers
+                .identities
+                .apply_watcher_event(&Event::InitApply(i.clone()));
+        }
+        writers.identities.apply_watcher_event(&Event::InitDone);
+        index_identity_event(&caches, &Event::InitDone);
+        caches
+    }
+
+    fn new_identity(i: &AgentIdentity) -> PendingIdentity {
+        PendingIdentity {
+            namespace: "team".into(),
+            name: i.name_any(),
+            snapshot: IdentitySnapshot::of(i),
+            previous: None,
+            kind: Some(ChangeKind::Changed),
+            deleted: false,
+            version: 0,
+        }
+    }
+
+    #[test]
+    fn a_relist_of_many_claimants_of_one_service_account_announces_each_agent_once() {
+        let all: Vec<AgentIdentity> = (0..300)
+            .map(|n| identity(&format!("churn-{n}"), "shared"))
+            .collect();
+        let caches = caches_with(&all);
+        let mut batch = Batch::default();
+        for i in &all {
+            announce_identity(&caches, &mut batch, new_identity(i));
+        }
+        // The new identity itself (Changed) and every peer (Conflict): two
+        // changes per agent at most, not one per pair.
+        assert!(
+            batch.changes.len() <= 2 * all.len(),
+            "{}",
+            batch.changes.len()
+        );
+        assert_eq!(batch.identities.len(), all.len());
+        let conflicts = batch
+            .changes
+            .iter()
+            .filter(|c| c.kind == ChangeKind::Conflict)
+            .count();
+        assert_eq!(
+            conflicts,
+            all.len(),
+            "every claimant is told it is in conflict"
+        );
+    }
+
+    #[test]
+    fn a_status_or_suspension_change_concerns_that_agent_alone() {
+        let all = [identity("a", "shared"), identity("b", "shared")];
+        let caches = caches_with(&all);
+        let before = IdentitySnapshot::of(&all[0]);
+        let mut suspended = all[0].clone();
+        suspended.spec.suspended = true;
+        let mut batch = Batch::default();
+        announce_identity(
+            &caches,
+            &mut batch,
+            PendingIdentity {
+                namespace: "team".into(),
+                name: "a".into(),
+                snapshot: IdentitySnapshot::of(&suspended),
+                previous: Some(before.clone()),
+                kind: Some(ChangeKind::Suspended),
+                deleted: false,
+                version: 7,
+            },
+        );
+        assert_eq!(batch.changes.len(), 1);
+        assert_eq!(batch.changes[0].kind, ChangeKind::Suspended);
+        assert_eq!(batch.changes[0].agent.as_deref(), Some("a"));
+        assert!(batch.identities.is_empty(), "b is not re-evaluated");
+
+        // A move to another ServiceAccount concerns the former peer.
+        let mut moved = all[0].clone();
+        moved.spec.service_account_name = "own".into();
+        let mut batch = Batch::default();
+        announce_identity(
+            &caches,
+            &mut batch,
+            PendingIdentity {
+                namespace: "team".into(),
+                name: "a".into(),
+                snapshot: IdentitySnapshot::of(&moved),
+                previous: Some(before),
+                kind: Some(ChangeKind::Changed),
+                deleted: false,
+                version: 7,
+            },
+        );
+        assert!(
+            batch
+                .identities
+                .contains(&ObjectRef::new("b").within("team"))
+        );
     }
 }

@@ -112,6 +112,28 @@ fn is_gone(error: &watcher::Error) -> bool {
     }
 }
 
+/// For the kube `Controller`s fed by [`watch_with_health`] streams: no
+/// backoff of their own. A Controller backs off its trigger stream after
+/// every error it sees (kube's default: 0.8 s doubling to 30 s, plus
+/// jitter), on top of the backoff [`watch_with_health`] already applied, so
+/// after an outage the grant and identity watches came back up to a minute
+/// late, while the Secret watch (not in a Controller) was back at once; the
+/// changes made meanwhile stayed unannounced all that time.
+pub struct NoExtraBackoff;
+
+impl Iterator for NoExtraBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        // `None` would end the stream: "retry at once" is a zero delay.
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for NoExtraBackoff {
+    fn reset(&mut self) {}
+}
+
 /// Checks that the API server answers for the watched resource (a one-item
 /// list): how a watch that was failing is known to be back when the
 /// resumed watch has nothing to deliver.

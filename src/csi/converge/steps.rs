@@ -178,19 +178,47 @@ impl<R: Resolver> NodeService<R> {
             return;
         };
         let request_id = new_request_id();
-        if let Err(error) = self
+        match self
             .refresh_locked(entry.clone(), token, TokenUpdate::Keep, &request_id, permit)
             .await
         {
-            tracing::error!(
+            Ok(Converged::Kept) => self.retry_refresh_later(volume_id),
+            Ok(_) => self.work.forget_retry(volume_id),
+            Err(error) => tracing::error!(
                 volume_id = %volume_id,
                 namespace = %entry.pod.namespace,
                 pod = %entry.pod.name,
                 request_id = %request_id,
                 error = %error_chain(&error),
                 "could not converge the volume"
-            );
+            ),
         }
+    }
+
+    /// Custody could not answer a refresh: try again after a backoff
+    /// instead of waiting for the next invalidation or kubelet's republish
+    /// (a minute or more), because the refresh may carry a revocation that
+    /// reached this plugin only as a RESYNC or a changed grant.
+    fn retry_refresh_later(&self, volume_id: &str) {
+        let Some(delay) = self.work.schedule_retry(volume_id) else {
+            return;
+        };
+        tracing::info!(
+            volume_id = %volume_id,
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "refresh will be retried"
+        );
+        let service = self.clone();
+        let volume_id = volume_id.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            service.work.retry_due(&volume_id);
+            if service.volumes.target_of(&volume_id).is_none() {
+                service.work.forget_retry(&volume_id);
+                return;
+            }
+            service.enqueue(&volume_id, Work::refresh());
+        });
     }
 
     /// A republish: converge with the fresh token and hold it. Only local
@@ -281,8 +309,14 @@ impl<R: Resolver> NodeService<R> {
                         pod = %entry.pod.name,
                         request_id = %request_id,
                         error = %error_chain(&error),
-                        "custody did not answer; the volume keeps its files (grants still expire on time)"
+                        "custody did not answer; the volume keeps its granted files (grants still expire on time)"
                     );
+                    // Custody may be unable to verify the pod (its API
+                    // server slow or away) yet still know from its stores
+                    // that a grant ended or the agent was suspended: that
+                    // needs no API request, so withdraw what it reports
+                    // inactive now. The full refresh is retried either way.
+                    self.check_grant_states_locked(entry, permit).await?;
                     return Ok(Converged::Kept);
                 }
                 if status.code() == Code::Unauthenticated {

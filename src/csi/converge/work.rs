@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 /// What to do to one volume. Merging two pieces of work keeps both:
 /// withdrawals first (they are local and fail closed), then a refresh.
@@ -86,7 +87,24 @@ pub(crate) enum Withdrawal {
 struct QueueState {
     pending: HashMap<String, Work>,
     running: HashMap<String, Arc<tokio::sync::Notify>>,
+    retries: HashMap<String, Retry>,
 }
+
+/// A volume whose refresh custody could not answer (the files were kept):
+/// consecutive failures, and whether a retry is already scheduled.
+#[derive(Debug, Default, Clone, Copy)]
+struct Retry {
+    failures: u32,
+    scheduled: bool,
+}
+
+/// First delay before a refresh that custody could not answer is tried
+/// again; it doubles up to [`RETRY_MAX`]. Capped low: until the retry
+/// succeeds, a revocation that reached the plugin only as a refresh (a
+/// RESYNC, a changed grant) has not taken effect.
+pub const RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Longest delay between retries of one volume's refresh.
+pub const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// What a volume's worker does next.
 pub(super) enum Step {
@@ -170,6 +188,33 @@ impl WorkQueue {
     pub fn busy(&self) -> usize {
         self.lock().running.len()
     }
+
+    /// Custody could not answer the volume's refresh: the delay after which
+    /// to refresh it again, or `None` when a retry is already scheduled.
+    pub(super) fn schedule_retry(&self, volume_id: &str) -> Option<Duration> {
+        let mut state = self.lock();
+        let retry = state.retries.entry(volume_id.to_owned()).or_default();
+        retry.failures = retry.failures.saturating_add(1);
+        if retry.scheduled {
+            return None;
+        }
+        retry.scheduled = true;
+        let doublings = retry.failures.saturating_sub(1).min(16);
+        Some(RETRY_FIRST.saturating_mul(1 << doublings).min(RETRY_MAX))
+    }
+
+    /// The scheduled retry is due (it queues its refresh next).
+    pub(super) fn retry_due(&self, volume_id: &str) {
+        if let Some(retry) = self.lock().retries.get_mut(volume_id) {
+            retry.scheduled = false;
+        }
+    }
+
+    /// Custody answered the volume's refresh (or the volume is gone): the
+    /// next failure starts from the first delay again.
+    pub(super) fn forget_retry(&self, volume_id: &str) {
+        self.lock().retries.remove(volume_id);
+    }
 }
 
 #[cfg(test)]
@@ -198,6 +243,24 @@ mod tests {
         work.merge(Work::withdraw_all("AgentSuspended"));
         assert!(matches!(work.withdrawal(), Some(Withdrawal::All(r)) if r == "AgentSuspended"));
         assert!(Work::default().is_empty());
+    }
+
+    #[test]
+    fn retries_back_off_to_the_cap_one_at_a_time_and_reset() {
+        let queue = WorkQueue::default();
+        assert_eq!(queue.schedule_retry("v1"), Some(RETRY_FIRST));
+        assert_eq!(queue.schedule_retry("v1"), None, "one scheduled at a time");
+        queue.retry_due("v1");
+        assert_eq!(queue.schedule_retry("v1"), Some(RETRY_FIRST * 4));
+        for _ in 0..40 {
+            queue.retry_due("v1");
+            assert!(queue.schedule_retry("v1").is_some_and(|d| d <= RETRY_MAX));
+        }
+        queue.retry_due("v1");
+        assert_eq!(queue.schedule_retry("v1"), Some(RETRY_MAX));
+        queue.forget_retry("v1");
+        assert_eq!(queue.schedule_retry("v1"), Some(RETRY_FIRST));
+        assert_eq!(queue.schedule_retry("v2"), Some(RETRY_FIRST), "per volume");
     }
 
     #[test]
