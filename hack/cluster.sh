@@ -468,6 +468,9 @@ custody:
   port: 19443
 metrics:
   port: 18080
+proxyInjector:
+  port: 19444
+  url: https://127.0.0.1:19444/mutate-pods
 node:
   kubeletDir: $D/kubelet
   stateDir: $D/scopehold-state
