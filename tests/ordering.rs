@@ -176,6 +176,15 @@ impl Plugin {
             .unwrap_or(0.0)
     }
 
+    /// Answers the plugin asked again instead of applying (its own metric).
+    async fn stale_answers(&self) -> f64 {
+        let addr = self.process.as_ref().unwrap().metrics_addr().unwrap();
+        scrape::endpoint(&addr)
+            .await
+            .map(|s| s.sum("scopehold_node_stale_answers_total", &[]))
+            .unwrap_or(0.0)
+    }
+
     /// Starts a first NodePublishVolume for the agent's pod (kubelet waits
     /// for the answer; so does this task).
     fn publish(&self, agent: &Agent) -> tokio::task::JoinHandle<Result<PathBuf, tonic::Status>> {
@@ -268,6 +277,7 @@ async fn revoke_across_the_held_answer(
         logs.contains("predates a change already applied"),
         "the old answer was recognised as such, not dodged by timing"
     );
+    assert!(plugin.stale_answers().await >= 1.0);
     assert!(!logs.contains(&value_of(&agent.ns, &format!("{AGENT}-a"))));
 }
 

@@ -18,6 +18,7 @@
 //! is (the withdrawal stays).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -84,6 +85,8 @@ impl std::fmt::Display for Stale {
 #[derive(Debug, Default, Clone)]
 pub struct Floors {
     volumes: Arc<Mutex<HashMap<String, Floor>>>,
+    /// Answers judged stale since start (a metric).
+    stale: Arc<AtomicU64>,
 }
 
 impl Floors {
@@ -124,6 +127,7 @@ impl Floors {
     ) -> Result<(), Stale> {
         let floor = self.lock().get(volume_id).copied().unwrap_or_default();
         if floor.unversioned != ticket.unversioned {
+            self.stale.fetch_add(1, Ordering::Relaxed);
             return Err(Stale::Interrupted);
         }
         let answer = versions.copied().unwrap_or_default();
@@ -133,6 +137,7 @@ impl Floors {
             ("secrets", answer.secrets, floor.secrets),
         ] {
             if answer < applied {
+                self.stale.fetch_add(1, Ordering::Relaxed);
                 return Err(Stale::Older {
                     kind,
                     answer,
@@ -143,6 +148,11 @@ impl Floors {
         Ok(())
     }
 
+    /// Answers judged stale since start.
+    pub fn stale_answers(&self) -> u64 {
+        self.stale.load(Ordering::Relaxed)
+    }
+
     /// Forgets a volume (unpublished, or its first publish failed).
     pub fn forget(&self, volume_id: &str) {
         self.lock().remove(volume_id);
@@ -150,6 +160,11 @@ impl Floors {
 }
 
 impl<R: Resolver> NodeService<R> {
+    /// Resolve answers asked again instead of applied, since start.
+    pub fn stale_answers(&self) -> u64 {
+        self.floors.stale_answers()
+    }
+
     /// Calls Resolve for `volume_id` and returns an answer no older than
     /// what the volume has been told; asks again while it is older. Errors
     /// are custody's, or `UNAVAILABLE` when every answer stayed older.
@@ -245,6 +260,7 @@ mod tests {
             })
         );
         assert!(floors.judge("v", ticket, None).is_err());
+        assert_eq!(floors.stale_answers(), 3);
         // Kinds are compared with their own kind only.
         assert_eq!(
             floors.judge("v", ticket, Some(&versions(100, 0, 40))),
@@ -268,5 +284,6 @@ mod tests {
         // Asked again after it: fine.
         let after = floors.ticket("v");
         assert_eq!(floors.judge("v", after, Some(&versions(1, 1, 1))), Ok(()));
+        assert_eq!(floors.stale_answers(), 1);
     }
 }

@@ -1,7 +1,8 @@
 //! Prometheus metrics of the node plugin: publish/unpublish latency and
 //! errors by gRPC code (a wrapper around the Node service), and, read at
-//! scrape time, volumes mounted, registry entries, the push stream's state and
-//! the invalidations it received and applied.
+//! scrape time, volumes mounted, registry entries, the push stream's state,
+//! the invalidations it received and applied, and the Resolve answers not
+//! applied because they predated an applied invalidation.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,12 +45,14 @@ pub struct NodeMetrics {
 
 impl NodeMetrics {
     /// Registers the call metrics and a collector of the node's state
-    /// (`volumes`: how many volumes are tracked now).
+    /// (`volumes`: how many volumes are tracked now; `stale_answers`: how
+    /// many Resolve answers were asked again instead of applied).
     pub fn register(
         registry: &mut Registry,
         push: Arc<PushState>,
         registry_dir: PathBuf,
         volumes: impl Fn() -> usize + Send + Sync + 'static,
+        stale_answers: impl Fn() -> u64 + Send + Sync + 'static,
     ) -> Self {
         // 0.5 ms .. ~4 s
         let buckets = || Histogram::new(exponential_buckets(0.0005, 2.0, 14));
@@ -78,6 +81,7 @@ impl NodeMetrics {
             push,
             registry_dir,
             volumes: Box::new(volumes),
+            stale_answers: Box::new(stale_answers),
         }));
         m
     }
@@ -104,6 +108,7 @@ struct StateCollector {
     push: Arc<PushState>,
     registry_dir: PathBuf,
     volumes: Box<dyn Fn() -> usize + Send + Sync>,
+    stale_answers: Box<dyn Fn() -> u64 + Send + Sync>,
 }
 
 impl std::fmt::Debug for StateCollector {
@@ -171,6 +176,13 @@ impl Collector for StateCollector {
             };
             ConstCounter::new(count).encode(applied.encode_family(&labels)?)?;
         }
+        let stale = encoder.encode_descriptor(
+            "stale_answers",
+            "Resolve answers older than an invalidation already applied to the volume: asked again, never applied",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new((self.stale_answers)()).encode(stale)?;
         Ok(())
     }
 }

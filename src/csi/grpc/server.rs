@@ -253,11 +253,13 @@ async fn serve_metrics<R: crate::csi::converge::resolver::Resolver>(
 ) -> Result<NodeMetrics, NodePluginError> {
     let mut registry = prometheus_client::registry::Registry::default();
     let volumes = node.clone();
+    let floors = node.clone();
     let metrics = NodeMetrics::register(
         &mut registry,
         push_state.clone(),
         state_dir.to_owned(),
         move || volumes.volumes().len(),
+        move || floors.stale_answers(),
     );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
