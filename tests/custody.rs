@@ -705,7 +705,13 @@ async fn invalidations_reach_subscribed_node_plugins() {
 
     // A resolution writes status (resolution counts): not a change.
     let pod = f.pod("agent", "bot-sa", &f.node.clone()).await;
-    f.resolve(f.request(&pod)).await.expect("resolved");
+    let first = f.resolve(f.request(&pod)).await.expect("resolved");
+    // The answer says how far custody's view had come, per watched kind.
+    let at_first = first.versions.expect("versions in the answer");
+    assert!(
+        at_first.grants > 0 && at_first.identities > 0 && at_first.secrets > 0,
+        "{at_first:?}"
+    );
     let quiet = tokio::time::timeout(Duration::from_millis(1500), stream.message()).await;
     let quiet = quiet.map(|m| m.ok().flatten().map(|m| (m.kind(), m.agent, m.grant)));
     assert!(
@@ -722,6 +728,14 @@ async fn invalidations_reach_subscribed_node_plugins() {
         .unwrap();
     let revoked = expect_push(&mut stream, &mut received, Kind::Revoked, "bot", "g").await;
     assert_eq!(revoked.namespace, f.ns);
+    // The revocation carries its grant event's version, newer than the
+    // answer; an answer given after it is at least as new (never judged
+    // older than custody's own invalidation).
+    let revoked_at = revoked.versions.expect("versions in the invalidation");
+    assert!(revoked_at.grants > at_first.grants, "{revoked_at:?}");
+    assert_eq!((revoked_at.identities, revoked_at.secrets), (0, 0));
+    let after = f.resolve(f.request(&pod)).await.expect("h still resolves");
+    assert!(after.versions.expect("versions").grants >= revoked_at.grants);
 
     Api::<Secret>::namespaced(f.client.clone(), &f.ns)
         .patch(
@@ -739,7 +753,12 @@ async fn invalidations_reach_subscribed_node_plugins() {
         .patch("bot", &pp, &patch(json!({"suspended": true})))
         .await
         .unwrap();
-    expect_push(&mut stream, &mut received, Kind::Suspended, "bot", "").await;
+    let suspended = expect_push(&mut stream, &mut received, Kind::Suspended, "bot", "").await;
+    let suspended_at = suspended.versions.expect("versions in the invalidation");
+    assert!(
+        suspended_at.identities > at_first.identities,
+        "{suspended_at:?}"
+    );
 
     // Grant states, for a plugin without a pod token at hand.
     let refs = vec![
