@@ -1,7 +1,8 @@
 //! What custody lets out beyond the granted values, against a real
 //! kube-apiserver: content digests are keyed per installation (and the key
-//! shows nowhere), each node's invalidation stream names only what concerns
-//! its own pods, and a node may report only about pods on it.
+//! shows nowhere), each node's invalidation stream and grant-state answers
+//! name only what concerns its own pods, and a node may report only about
+//! pods on it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -24,7 +25,8 @@ use scopehold::api::{AgentIdentity, SecretGrant};
 use scopehold::proto::scopehold::v1::custody_client::CustodyClient;
 use scopehold::proto::scopehold::v1::invalidation::Kind;
 use scopehold::proto::scopehold::v1::{
-    Invalidation, NodeReport, ReportRequest, ResolveRequest, WatchRequest,
+    GrantRef, GrantStatesRequest, Invalidation, NodeReport, ReportRequest, ResolveRequest,
+    WatchRequest,
 };
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -431,6 +433,50 @@ async fn each_node_hears_only_about_the_agents_whose_pods_it_runs() {
         .await;
     read_until(&mut on_a, Kind::Suspended, "bot-b").await;
     read_until(&mut on_b, Kind::Suspended, "bot-b").await;
+}
+
+#[tokio::test]
+async fn grant_states_answer_only_about_agents_with_pods_on_the_calling_node() {
+    let t = TwoNodes::new("states-scope").await;
+    let refs = || {
+        ["ga", "gb"]
+            .into_iter()
+            .zip(["bot-a", "bot-b"])
+            .map(|(grant, agent)| GrantRef {
+                namespace: t.ns.clone(),
+                grant: grant.into(),
+                agent: agent.into(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let ask = async |token: &str| {
+        custody(&t.custody)
+            .await
+            .grant_states(bearer(GrantStatesRequest { grants: refs() }, token))
+            .await
+            .unwrap()
+            .into_inner()
+            .grants
+            .into_iter()
+            .map(|s| (s.active, s.reason, s.content_digest.is_empty()))
+            .collect::<Vec<_>>()
+    };
+    // Node A learns ga's state and digest, and nothing about gb (bot-b runs
+    // only on node B); node B the other way round.
+    assert_eq!(
+        ask(&t.token_a).await,
+        [
+            (true, "Active".to_owned(), false),
+            (false, "NotOnThisNode".to_owned(), true)
+        ]
+    );
+    assert_eq!(
+        ask(&t.token_b).await,
+        [
+            (false, "NotOnThisNode".to_owned(), true),
+            (true, "Active".to_owned(), false)
+        ]
+    );
 }
 
 fn report_about(ns: &str, pod: &str, uid: &str) -> NodeReport {

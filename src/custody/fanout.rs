@@ -107,7 +107,28 @@ trait Placement {
     ) -> Result<BTreeSet<String>, String>;
 }
 
-struct PodLister(Client);
+/// Reads Pods to learn where an agent's pods run.
+pub(crate) struct PodLister(pub(crate) Client);
+
+impl PodLister {
+    /// Whether a pod of `agent` in `namespace` runs on `node` (of anyone in
+    /// the namespace when the agent's identity is not known).
+    pub(crate) async fn agent_runs_on(
+        &self,
+        caches: &Caches,
+        namespace: &str,
+        agent: &str,
+        node: &str,
+    ) -> Result<bool, String> {
+        let identity: Option<Arc<AgentIdentity>> = caches
+            .identities
+            .get(&ObjectRef::new(agent).within(namespace));
+        let sa = identity
+            .as_ref()
+            .map(|i| i.spec.service_account_name.as_str());
+        Ok(self.nodes(namespace, sa).await?.contains(node))
+    }
+}
 
 impl Placement for PodLister {
     async fn nodes(

@@ -3,6 +3,7 @@
 //! grant states answer a plugin that has no pod token at hand (after a
 //! restart).
 
+use std::collections::HashMap;
 use std::pin::Pin;
 
 use futures::Stream;
@@ -11,6 +12,7 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use tonic::Status;
 
+use super::fanout::PodLister;
 use crate::api::{AgentIdentity, SecretGrant};
 use crate::caches::{Caches, Change, ChangeKind};
 use crate::policy::evaluate::{AgentState, SecretState, evaluate_grant};
@@ -68,14 +70,20 @@ pub fn versions_to_proto(versions: Versions) -> Option<pb::StoreVersions> {
     })
 }
 
-/// Whether each grant may still be held by pods of the named agent.
+/// Whether each grant may still be held by pods of the named agent, asked
+/// by the node plugin on `node`. Only about agents with a pod on that node:
+/// for any other the answer is inactive (`NotOnThisNode`) and says nothing
+/// about the grant, as the invalidation stream would not have either.
 pub async fn grant_states(
     caches: &Caches,
     client: &kube::Client,
+    node: &str,
     refs: Vec<pb::GrantRef>,
 ) -> Vec<pb::GrantState> {
     let now = Timestamp::now();
     let mut out = Vec::with_capacity(refs.len());
+    let pods = PodLister(client.clone());
+    let mut placed: HashMap<(String, String), Result<bool, String>> = HashMap::new();
     for r in refs {
         let state = |active: bool, reason: &str| pb::GrantState {
             grant_ref: None,
@@ -84,6 +92,37 @@ pub async fn grant_states(
             expires_at: None,
             content_digest: String::new(),
         };
+        let key = (r.namespace.clone(), r.agent.clone());
+        let here = match placed.get(&key) {
+            Some(here) => here.clone(),
+            None => {
+                let here = pods
+                    .agent_runs_on(caches, &r.namespace, &r.agent, node)
+                    .await;
+                placed.insert(key, here.clone());
+                here
+            }
+        };
+        match here {
+            Ok(true) => {}
+            Ok(false) => {
+                out.push(pb::GrantState {
+                    grant_ref: Some(r),
+                    ..state(false, "NotOnThisNode")
+                });
+                continue;
+            }
+            Err(error) => {
+                // Unknown is not inactive: the plugin keeps content and its
+                // local expiry timer still applies.
+                tracing::warn!(%error, namespace = %r.namespace, agent = %r.agent, "cannot tell where the agent's pods run; grant state unknown");
+                out.push(pb::GrantState {
+                    grant_ref: Some(r),
+                    ..state(true, "Unknown")
+                });
+                continue;
+            }
+        }
         let grant: Option<std::sync::Arc<SecretGrant>> = caches
             .grants
             .get(&ObjectRef::new(&r.grant).within(&r.namespace));

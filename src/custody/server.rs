@@ -650,11 +650,12 @@ impl pb::custody_server::Custody for CustodyService {
         &self,
         request: Request<pb::GrantStatesRequest>,
     ) -> Result<Response<pb::GrantStatesResponse>, Status> {
-        self.within_decision_timeout(
-            "verifying the node plugin",
-            self.authenticate_caller(&request),
-        )
-        .await??;
+        let node = self
+            .within_decision_timeout(
+                "verifying the node plugin",
+                self.authenticate_caller(&request),
+            )
+            .await??;
         if !self.caches.is_synced() {
             return Err(Status::unavailable("custody caches are not synced yet"));
         }
@@ -662,7 +663,7 @@ impl pb::custody_server::Custody for CustodyService {
         if refs.len() > 10_000 {
             return Err(Status::invalid_argument("at most 10000 grants per call"));
         }
-        let grants = invalidations::grant_states(&self.caches, &self.client, refs).await;
+        let grants = invalidations::grant_states(&self.caches, &self.client, &node, refs).await;
         Ok(Response::new(pb::GrantStatesResponse { grants }))
     }
 
