@@ -21,11 +21,11 @@ use common::proxy::TcpProxy;
 use common::scrape;
 use common::stack::{
     NodePluginProcess, node_plugin_dir, node_plugin_token, start_controller_with_custody,
-    unmount_below,
+    start_controller_with_custody_via, unmount_below,
 };
 use common::{
     AUDIENCE, ControllerProcess, client, create_node, create_pod, create_service_account,
-    install_crds, pod_token, test_namespace, wait_for_desc,
+    install_crds, pod_token, server, test_namespace, wait_for_desc,
 };
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -330,5 +330,63 @@ async fn with_two_replicas_a_late_answer_from_one_never_undoes_the_others_revoca
             .logs()
             .contains("node plugin subscribed to invalidations"),
         "the stream is the first replica's"
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_answered_by_a_replica_whose_watches_lag_never_puts_a_withdrawn_key_back() {
+    let agent = Agent::new("order-lag").await;
+    let lease = [
+        "--leader-election",
+        "--lease-namespace",
+        &agent.ns,
+        "--lease-duration-seconds",
+        "4",
+    ];
+    let (_streamer, streamer_addr) = start_controller_with_custody(&agent.ns, &lease).await;
+    // The second replica reaches the API server through a proxy that can
+    // freeze its watches while its requests (TokenReviews) still work.
+    let upstream = server().url.trim_start_matches("https://").parse().unwrap();
+    let api_proxy = TcpProxy::start(upstream).await;
+    let kubeconfig = api_proxy.kubeconfig(&server().kubeconfig, &server().run_dir);
+    let (_lagging, lagging_addr) =
+        start_controller_with_custody_via(&agent.ns, &lease, &kubeconfig).await;
+    agent.await_active().await;
+    let proxy = TcpProxy::start(streamer_addr.parse().unwrap()).await;
+    let plugin = Plugin::start(&agent, &proxy).await;
+    proxy.retarget(lagging_addr.parse().unwrap());
+    let target = plugin.publish(&agent).await.unwrap().expect("published");
+    assert_eq!(listing(&target), ["a", "b"]);
+
+    // The second replica's watches stop; the first sees the revocation and
+    // its stream withdraws the file.
+    api_proxy.freeze_quiet();
+    agent.revoke(&format!("{AGENT}-a")).await;
+    let file = target.join("a");
+    wait_for_desc("the revocation at the plugin", WAIT, async || {
+        file.symlink_metadata().is_err().then_some(())
+    })
+    .await;
+
+    // A republish reaches the lagging replica, which still holds the grant
+    // as active and says so: its answer is older than the revocation.
+    let republished = plugin.publish(&agent).await.unwrap().expect("republished");
+    assert_eq!(republished, target);
+    assert_eq!(
+        listing(&target),
+        ["b"],
+        "the withdrawn key must not come back"
+    );
+    // It did answer, and its answer was judged older (not merely missing).
+    assert!(plugin.stale_answers().await >= 1.0);
+
+    // Caught up, its answers are current and the key stays withdrawn.
+    api_proxy.thaw();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(listing(&target), ["b"]);
+    assert!(
+        !plugin
+            .logs()
+            .contains(&value_of(&agent.ns, &format!("{AGENT}-a")))
     );
 }

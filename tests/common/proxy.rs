@@ -5,12 +5,17 @@
 //! through again. `hold_replies` makes the connections accepted from then on
 //! pass the client's bytes but keep the server's until `release_replies`: an
 //! answer decided now that arrives late, while older connections (a stream
-//! opened before) go on as they were.
+//! opened before) go on as they were. `freeze_quiet` holds the server's bytes
+//! on every connection open now until its client sends something: the watches
+//! of a kube client (HTTP/1.1, one connection per watch, the client silent after
+//! its request) stop delivering events, while its requests (new connections, or
+//! pooled ones that send a request) are answered: a replica whose watches lag.
 //! TLS passes through untouched (the API server's certificate is for 127.0.0.1).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -29,6 +34,8 @@ pub struct TcpProxy {
     open: Arc<watch::Sender<Mode>>,
     /// Whether connections accepted now hold the server's bytes.
     hold: Arc<watch::Sender<bool>>,
+    /// Since when quiet connections are frozen (`None`: not frozen).
+    freeze: Arc<watch::Sender<Option<Instant>>>,
     upstream: Arc<std::sync::Mutex<SocketAddr>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -40,10 +47,12 @@ impl TcpProxy {
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(watch::channel(Mode::Open).0);
         let hold = Arc::new(watch::channel(false).0);
+        let freeze = Arc::new(watch::channel(None).0);
         let upstream = Arc::new(std::sync::Mutex::new(upstream));
         let task = tokio::spawn({
             let open = open.clone();
             let hold = hold.clone();
+            let freeze = freeze.clone();
             let upstream = upstream.clone();
             async move {
                 loop {
@@ -69,13 +78,17 @@ impl TcpProxy {
                     }
                     let to = *upstream.lock().unwrap();
                     let mut mode = open.subscribe();
-                    let held = (*hold.borrow()).then(|| hold.subscribe());
+                    let gates = Gates {
+                        held: (*hold.borrow()).then(|| hold.subscribe()),
+                        freeze: freeze.subscribe(),
+                        accepted: Instant::now(),
+                    };
                     tokio::spawn(async move {
                         let Ok(outbound) = TcpStream::connect(to).await else {
                             return;
                         };
                         tokio::select! {
-                            _ = forward(inbound, outbound, held) => {}
+                            _ = forward(inbound, outbound, gates) => {}
                             _ = mode.wait_for(|m| *m != Mode::Open) => {}
                         }
                         if *mode.borrow() == Mode::Stalled {
@@ -91,6 +104,7 @@ impl TcpProxy {
             addr,
             open,
             hold,
+            freeze,
             upstream,
             task,
         }
@@ -101,6 +115,18 @@ impl TcpProxy {
     /// accepted before are not affected.
     pub fn hold_replies(&self) {
         self.hold.send_replace(true);
+    }
+
+    /// Holds the server's bytes on every connection open now until its
+    /// client sends something (a request); new connections are not affected.
+    pub fn freeze_quiet(&self) {
+        self.freeze.send_replace(Some(Instant::now()));
+    }
+
+    /// Ends [`Self::freeze_quiet`]: what the frozen connections' servers sent
+    /// is delivered.
+    pub fn thaw(&self) {
+        self.freeze.send_replace(None);
     }
 
     /// Delivers what the held connections' servers sent, and lets them (and
@@ -144,24 +170,60 @@ impl TcpProxy {
     }
 }
 
-/// Copies both ways until both sides are done; with `held`, the server's
-/// bytes wait until it turns false.
-async fn forward(inbound: TcpStream, outbound: TcpStream, held: Option<watch::Receiver<bool>>) {
-    use tokio::io::AsyncWriteExt;
+/// What may keep a connection's server bytes from its client.
+struct Gates {
+    /// Accepted while replies were held: until released.
+    held: Option<watch::Receiver<bool>>,
+    /// Frozen since then, if the connection is older and its client has not
+    /// sent anything since.
+    freeze: watch::Receiver<Option<Instant>>,
+    accepted: Instant,
+}
+
+/// Copies both ways until both sides are done, holding the server's bytes
+/// while a gate says so.
+async fn forward(inbound: TcpStream, outbound: TcpStream, gates: Gates) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut a, mut b) = (inbound, outbound);
-    let Some(mut held) = held else {
-        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-        return;
-    };
     let (mut client_read, mut client_write) = a.split();
     let (mut server_read, mut server_write) = b.split();
+    let client_spoke = std::sync::Mutex::new(gates.accepted);
     let up = async {
-        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+        let mut buf = vec![0_u8; 16 * 1024];
+        loop {
+            match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    *client_spoke.lock().unwrap() = Instant::now();
+                    if server_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
         let _ = server_write.shutdown().await;
     };
     let down = async {
-        let _ = held.wait_for(|held| !*held).await;
-        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        let mut buf = vec![0_u8; 16 * 1024];
+        loop {
+            let n = match server_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            loop {
+                let held = gates.held.as_ref().is_some_and(|h| *h.borrow());
+                let frozen = (*gates.freeze.borrow()).is_some_and(|since| {
+                    gates.accepted < since && *client_spoke.lock().unwrap() < since
+                });
+                if !held && !frozen {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if client_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
         let _ = client_write.shutdown().await;
     };
     tokio::join!(up, down);
