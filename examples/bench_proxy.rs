@@ -220,8 +220,7 @@ async fn main() {
         loop {
             c.get("/v1", &[]).await.unwrap();
             if up
-                .seen()
-                .last()
+                .last_seen()
                 .and_then(|s| s.header("authorization").map(str::to_owned))
                 == Some(want.clone())
             {
