@@ -105,6 +105,13 @@ trait Placement {
         namespace: &str,
         service_account: Option<&str>,
     ) -> Result<BTreeSet<String>, String>;
+
+    /// Nodes of the pods in `namespace`, by ServiceAccount: one list for a
+    /// batch that concerns several agents there (a Secret granted to many).
+    async fn nodes_by_account(
+        &self,
+        namespace: &str,
+    ) -> Result<HashMap<String, BTreeSet<String>>, String>;
 }
 
 /// Reads Pods to learn where an agent's pods run.
@@ -130,12 +137,14 @@ impl PodLister {
     }
 }
 
-impl Placement for PodLister {
-    async fn nodes(
+impl PodLister {
+    /// (ServiceAccount, node) of each bound pod in `namespace` that runs as
+    /// `service_account` (as anyone when `None`).
+    async fn placed(
         &self,
         namespace: &str,
         service_account: Option<&str>,
-    ) -> Result<BTreeSet<String>, String> {
+    ) -> Result<Vec<(String, String)>, String> {
         let pods: Api<Pod> = Api::namespaced(self.0.clone(), namespace);
         let mut params = ListParams::default();
         if let Some(sa) = service_account {
@@ -148,11 +157,42 @@ impl Placement for PodLister {
         Ok(listed
             .items
             .into_iter()
-            .filter_map(|pod| pod.spec.and_then(|s| s.node_name))
-            .filter(|node| !node.is_empty())
+            .filter_map(|pod| {
+                let spec = pod.spec?;
+                let node = spec.node_name.filter(|n| !n.is_empty())?;
+                let sa = spec
+                    .service_account_name
+                    .unwrap_or_else(|| "default".to_owned());
+                Some((sa, node))
+            })
             .collect())
     }
 }
+
+impl Placement for PodLister {
+    async fn nodes(
+        &self,
+        namespace: &str,
+        service_account: Option<&str>,
+    ) -> Result<BTreeSet<String>, String> {
+        let placed = self.placed(namespace, service_account).await?;
+        Ok(placed.into_iter().map(|(_, node)| node).collect())
+    }
+
+    async fn nodes_by_account(
+        &self,
+        namespace: &str,
+    ) -> Result<HashMap<String, BTreeSet<String>>, String> {
+        let mut by_account: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for (sa, node) in self.placed(namespace, None).await? {
+            by_account.entry(sa).or_default().insert(node);
+        }
+        Ok(by_account)
+    }
+}
+
+/// A namespace's pods' nodes by ServiceAccount, or why not.
+type Listed = Result<HashMap<String, BTreeSet<String>>, String>;
 
 struct Router<P> {
     pods: P,
@@ -202,8 +242,22 @@ impl<P: Placement> Router<P> {
         }
     }
 
-    /// Each change with its audience, in order; one lookup per agent.
+    /// Each change with its audience, in order; one lookup per agent, or
+    /// one per namespace where the batch concerns several agents.
     async fn route(&mut self, batch: Vec<Change>) -> Vec<(Change, Audience)> {
+        let mut agents_in: HashMap<&str, BTreeSet<Option<&str>>> = HashMap::new();
+        for change in &batch {
+            agents_in
+                .entry(change.namespace.as_str())
+                .or_default()
+                .insert(change.agent.as_deref());
+        }
+        let mut listed: HashMap<String, Listed> = HashMap::new();
+        for (ns, agents) in agents_in {
+            if agents.len() > 1 {
+                listed.insert(ns.to_owned(), self.pods.nodes_by_account(ns).await);
+            }
+        }
         let mut found: HashMap<(String, Option<String>), Audience> = HashMap::new();
         let mut out = Vec::with_capacity(batch.len());
         for change in batch {
@@ -211,7 +265,7 @@ impl<P: Placement> Router<P> {
             let audience = match found.get(&key) {
                 Some(audience) => audience.clone(),
                 None => {
-                    let audience = self.audience(&change).await;
+                    let audience = self.audience(&change, listed.get(&change.namespace)).await;
                     found.insert(key, audience.clone());
                     audience
                 }
@@ -228,7 +282,7 @@ impl<P: Placement> Router<P> {
         out
     }
 
-    async fn audience(&mut self, change: &Change) -> Audience {
+    async fn audience(&mut self, change: &Change, listed: Option<&Listed>) -> Audience {
         let ns = change.namespace.as_str();
         let accounts: Vec<String> = match &change.agent {
             Some(agent) => {
@@ -245,29 +299,45 @@ impl<P: Placement> Router<P> {
             }
             None => Vec::new(),
         };
-        let mut nodes = BTreeSet::new();
-        // No ServiceAccount known (an identity deleted before this process
-        // saw it): every node with a pod in the namespace.
-        let lookups: Vec<Option<&str>> = if accounts.is_empty() {
-            vec![None]
-        } else {
-            accounts.iter().map(|sa| Some(sa.as_str())).collect()
-        };
-        for sa in lookups {
-            match self.pods.nodes(ns, sa).await {
-                Ok(found) => nodes.extend(found),
-                Err(error) => {
-                    tracing::warn!(
-                        namespace = ns,
-                        agent = change.agent.as_deref(),
-                        %error,
-                        "cannot list the agent's pods; the invalidation goes to every node"
-                    );
-                    return Audience::Every;
-                }
+        match self.nodes_of(ns, &accounts, listed).await {
+            Ok(nodes) => Audience::Nodes(Arc::new(nodes)),
+            Err(error) => {
+                tracing::warn!(
+                    namespace = ns,
+                    agent = change.agent.as_deref(),
+                    %error,
+                    "cannot list the agent's pods; the invalidation goes to every node"
+                );
+                Audience::Every
             }
         }
-        Audience::Nodes(Arc::new(nodes))
+    }
+
+    /// Nodes of the pods running as any of `accounts` in `ns`; with no
+    /// ServiceAccount known (an identity deleted before this process saw
+    /// it), every node with a pod in the namespace.
+    async fn nodes_of(
+        &self,
+        ns: &str,
+        accounts: &[String],
+        listed: Option<&Listed>,
+    ) -> Result<BTreeSet<String>, String> {
+        if let Some(listed) = listed {
+            let by_account = listed.as_ref().map_err(Clone::clone)?;
+            return Ok(by_account
+                .iter()
+                .filter(|(sa, _)| accounts.is_empty() || accounts.contains(sa))
+                .flat_map(|(_, nodes)| nodes.iter().cloned())
+                .collect());
+        }
+        if accounts.is_empty() {
+            return self.pods.nodes(ns, None).await;
+        }
+        let mut nodes = BTreeSet::new();
+        for sa in accounts {
+            nodes.extend(self.pods.nodes(ns, Some(sa)).await?);
+        }
+        Ok(nodes)
     }
 }
 
@@ -305,6 +375,26 @@ mod tests {
                 .filter(|(ns, sa, _)| *ns == namespace && service_account.is_none_or(|s| s == *sa))
                 .map(|(_, _, node)| (*node).to_owned())
                 .collect())
+        }
+
+        async fn nodes_by_account(
+            &self,
+            namespace: &str,
+        ) -> Result<HashMap<String, BTreeSet<String>>, String> {
+            if let Ok(mut asked) = self.asked.lock() {
+                asked.push((namespace.to_owned(), Some("*".to_owned())));
+            }
+            if self.fail {
+                return Err("the API server is away".to_owned());
+            }
+            let mut by_account: HashMap<String, BTreeSet<String>> = HashMap::new();
+            for (_, sa, node) in self.placed.iter().filter(|(ns, _, _)| *ns == namespace) {
+                by_account
+                    .entry((*sa).to_owned())
+                    .or_default()
+                    .insert((*node).to_owned());
+            }
+            Ok(by_account)
         }
     }
 
@@ -392,6 +482,43 @@ mod tests {
             .route(vec![change(ChangeKind::Deleted, "team", "ghost", None)])
             .await;
         assert_eq!(nodes(&routed[0].1), ["node-a", "node-b"]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_about_several_agents_of_a_namespace_lists_it_once() {
+        let mut router = Router {
+            pods: Pods {
+                placed: vec![
+                    ("team", "a-sa", "node-a"),
+                    ("team", "b-sa", "node-b"),
+                    ("team", "c-sa", "node-c"),
+                ],
+                ..Default::default()
+            },
+            caches: caches_with(&[("team", "a", "a-sa"), ("team", "b", "b-sa")]),
+            service_accounts: HashMap::new(),
+        };
+        // A Secret granted to both agents rotated: one change per grant.
+        let routed = router
+            .route(vec![
+                change(ChangeKind::Rotated, "team", "a", Some("ga")),
+                change(ChangeKind::Rotated, "team", "b", Some("gb")),
+                change(ChangeKind::Deleted, "team", "ghost", None),
+            ])
+            .await;
+        let audiences: Vec<Vec<String>> = routed.iter().map(|(_, a)| nodes(a)).collect();
+        assert_eq!(
+            audiences,
+            [
+                vec!["node-a"],
+                vec!["node-b"],
+                vec!["node-a", "node-b", "node-c"]
+            ]
+        );
+        assert_eq!(
+            *router.pods.asked.lock().unwrap(),
+            [("team".to_owned(), Some("*".to_owned()))]
+        );
     }
 
     #[tokio::test]
