@@ -279,6 +279,35 @@ struct NodeArgs {
     /// Log format on stdout.
     #[arg(long, env = "SCOPEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
+    #[command(flatten)]
+    runtime: NodeRuntimeArgs,
+}
+
+/// Threads of the node plugin. It runs on every node and mostly waits (on
+/// kubelet, custody and the kernel's mount calls): tokio's defaults, one
+/// worker per core and up to 512 threads for blocking work (each with its
+/// own malloc arena), cost memory on every node and buy nothing.
+#[derive(clap::Args)]
+struct NodeRuntimeArgs {
+    /// Async worker threads.
+    #[arg(long, env = "SCOPEHOLD_WORKER_THREADS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    worker_threads: u16,
+    /// Most threads doing blocking file-system and mount work at once (more
+    /// wait their turn).
+    #[arg(long, env = "SCOPEHOLD_BLOCKING_THREADS", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    blocking_threads: u16,
+}
+
+impl NodeRuntimeArgs {
+    fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(self.worker_threads))
+            .max_blocking_threads(usize::from(self.blocking_threads))
+            .enable_all()
+            .build()
+    }
 }
 
 #[derive(clap::Args)]
@@ -381,9 +410,22 @@ enum CliError {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let runtime = match &cli.command {
+        Command::Node(args) => args.runtime.runtime(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(error) => {
+            eprintln!("scopehold: starting the async runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Controller(args) => run_controller(*args).await,
         Command::Node(args) => run_node(*args).await,
