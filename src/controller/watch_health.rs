@@ -151,6 +151,30 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// probe is asked whether the API server is back.
 const QUIET_BEFORE_PROBE: Duration = Duration::from_secs(2);
 
+/// How often a backoff wait asks whether the API server is back.
+const PROBE_DURING_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Waits `delay`, or less: the wait ends as soon as `probe` says the API
+/// server answers again, so that a watch whose backoff grew during an
+/// outage does not sleep up to [`BACKOFF_MAX`] past its end (a change made
+/// right after an API server restart used to land 4-7 s later).
+async fn wait_unless_back(delay: Duration, probe: &Probe) {
+    let deadline = tokio::time::Instant::now() + delay;
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return;
+        }
+        tokio::time::sleep((deadline - now).min(PROBE_DURING_BACKOFF)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        if tokio::time::timeout(PROBE_DURING_BACKOFF, probe()).await == Ok(true) {
+            return;
+        }
+    }
+}
+
 /// Backs off after errors (0.5 s doubling to 5 s), except that the first
 /// `410 Gone` in a row relists at once, and reports every error and recovery
 /// to `health`. A recovery is an event from the stream, or, when a resumed
@@ -189,7 +213,7 @@ where
         let (health, probe) = (health.clone(), probe.clone());
         async move {
             if let Some(delay) = state.delay.take() {
-                tokio::time::sleep(delay).await;
+                wait_unless_back(delay, probe.as_ref()).await;
             }
             // `next()` is cancel-safe: the watcher keeps its request in the
             // stream, so racing it against the probe loses nothing.
@@ -234,4 +258,38 @@ where
             Some((item, state))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn probe_answering_from(call: usize, calls: Arc<AtomicUsize>) -> Probe {
+        Box::new(move || {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::pin(async move { n >= call })
+        })
+    }
+
+    #[tokio::test]
+    async fn a_backoff_wait_ends_when_the_api_server_answers_again() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let probe = probe_answering_from(2, calls.clone());
+        let started = tokio::time::Instant::now();
+        wait_unless_back(BACKOFF_MAX * 2, &probe).await;
+        // Two probes, one a second: back after about 2 s of a 10 s wait.
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(started.elapsed() < BACKOFF_MAX * 2);
+    }
+
+    #[tokio::test]
+    async fn a_short_backoff_wait_does_not_probe() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let probe = probe_answering_from(1, calls.clone());
+        wait_unless_back(BACKOFF_FIRST, &probe).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
 }
