@@ -465,7 +465,8 @@ async fn apply_crds(client: &Client) {
         let text = std::fs::read_to_string(&file).expect("read CRD");
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let value = serde_yaml::Value::deserialize(doc).expect("YAML");
-            if value.is_null() {
+            // crds/ also holds the admission policy: only the CRDs matter here.
+            if value.is_null() || value["kind"].as_str() != Some("CustomResourceDefinition") {
                 continue;
             }
             let crd: CustomResourceDefinition = serde_yaml::from_value(value).expect("CRD");
