@@ -31,11 +31,11 @@ COPY . .
 # build.rs compiles the protos with protox (pure Rust): no protoc needed.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --target x86_64-unknown-linux-musl \
+    cargo build --profile dist --locked --target x86_64-unknown-linux-musl \
       --bin scopehold --bin kubectl-scopehold \
  && mkdir -p /out \
- && cp target/x86_64-unknown-linux-musl/release/scopehold /out/scopehold \
- && cp target/x86_64-unknown-linux-musl/release/kubectl-scopehold /out/kubectl-scopehold
+ && cp target/x86_64-unknown-linux-musl/dist/scopehold /out/scopehold \
+ && cp target/x86_64-unknown-linux-musl/dist/kubectl-scopehold /out/kubectl-scopehold
 
 FROM gcr.io/distroless/static-debian12:nonroot
 LABEL org.opencontainers.image.title="scopehold" \
