@@ -99,12 +99,15 @@ struct Retry {
 }
 
 /// First delay before a refresh that custody could not answer is tried
-/// again; it doubles up to [`RETRY_MAX`]. Capped low: until the retry
-/// succeeds, a revocation that reached the plugin only as a refresh (a
-/// RESYNC, a changed grant) has not taken effect.
+/// again; it doubles up to [`RETRY_MAX`]. Withdrawals do not wait for it:
+/// a failed refresh first asks custody's grant states (no API request) and
+/// withdraws what ended. The retry brings new and rotated content.
 pub const RETRY_FIRST: Duration = Duration::from_millis(500);
-/// Longest delay between retries of one volume's refresh.
-pub const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Longest delay between retries of one volume's refresh. Not lower: after
+/// an API server outage every volume of every node whose refresh failed
+/// retries, and each retry is a TokenReview on a recovering API server
+/// (kubelet's own republish comes about once a minute anyway).
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What a volume's worker does next.
 pub(super) enum Step {
