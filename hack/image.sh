@@ -16,8 +16,9 @@
 #                                    entrypoint /scopehold
 #
 # The ScopeHold binaries come from `cargo build --target x86_64-unknown-linux-musl`
-# (dev profile: the Dockerfile's release build takes ~22 min cold on 2 cores; the
-# image layout is the same). SCOPEHOLD_IMAGE_PROFILE=release builds release instead.
+# (dev profile: the Dockerfile's `dist` build, release with fat LTO, takes ~15-22 min
+# cold on 2 cores; the image layout is the same). SCOPEHOLD_IMAGE_PROFILE=dist builds
+# what the Dockerfile ships (the memory figures in BENCHMARKS.md), =release a plain one.
 # Missing Debian packages (umoci, busybox-static, gcc, musl-tools) are installed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
