@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use kube::api::ListParams;
 use kube::runtime::events::EventType;
 use kube::{Api, Client, Resource, ResourceExt};
 use tonic::{Request, Response, Status};
@@ -733,42 +734,69 @@ impl CustodyService {
     /// one, so whoever does is not a well-behaved plugin. Reports about a pod
     /// that is gone, or was replaced (another UID), cannot be placed and are
     /// dropped (not accepted).
+    ///
+    /// One list of the node's pods per namespace, not a GET per pod: a
+    /// revocation on a node with 200 volumes sends 200 reports at once. Only
+    /// a pod that list does not show (gone, or elsewhere) is read by name.
     async fn reports_about_own_pods(
         &self,
         node: &str,
         reports: Vec<pb::NodeReport>,
     ) -> Result<Vec<pb::NodeReport>, Status> {
-        let mut placed: BTreeMap<(String, String), Option<Pod>> = BTreeMap::new();
-        for report in &reports {
-            if checked_report(report).is_none() {
-                continue;
-            }
-            let key = (report.namespace.clone(), report.pod_name.clone());
-            if placed.contains_key(&key) {
-                continue;
-            }
-            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &report.namespace);
-            let pod = pods.get_opt(&report.pod_name).await.map_err(|e| {
-                Status::unavailable(format!(
-                    "reading pod {}/{} to check the report: {e}",
-                    report.namespace, report.pod_name
-                ))
-            })?;
-            placed.insert(key, pod);
-        }
+        let unavailable = |what: String, e: kube::Error| {
+            Status::unavailable(format!("reading {what} to check the report: {e}"))
+        };
+        // namespace → the node's pods there: name → UID.
+        let mut on_node: BTreeMap<String, BTreeMap<String, Option<String>>> = BTreeMap::new();
+        // Pods the lists did not show, read by name (None: gone).
+        let mut elsewhere: BTreeMap<(String, String), Option<Pod>> = BTreeMap::new();
         let mut own = Vec::with_capacity(reports.len());
         for report in reports {
-            let Some(Some(pod)) = placed.get(&(report.namespace.clone(), report.pod_name.clone()))
-            else {
-                continue;
-            };
-            if !report.pod_uid.is_empty()
-                && pod.metadata.uid.as_deref() != Some(report.pod_uid.as_str())
-            {
+            if checked_report(&report).is_none() {
                 continue;
             }
-            let pod_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
-            if pod_node != Some(node) {
+            let namespace = report.namespace.clone();
+            if !on_node.contains_key(&namespace) {
+                let pods: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
+                let listed = pods
+                    .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+                    .await
+                    .map_err(|e| {
+                        unavailable(format!("the pods of node {node} in {namespace}"), e)
+                    })?;
+                let names = listed
+                    .items
+                    .into_iter()
+                    .map(|pod| (pod.name_any(), pod.metadata.uid))
+                    .collect();
+                on_node.insert(namespace.clone(), names);
+            }
+            let listed_uid = on_node
+                .get(&namespace)
+                .and_then(|pods| pods.get(&report.pod_name))
+                .cloned();
+            let (uid, pod_node) = match listed_uid {
+                Some(uid) => (uid, Some(node.to_owned())),
+                None => {
+                    let key = (namespace.clone(), report.pod_name.clone());
+                    if !elsewhere.contains_key(&key) {
+                        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
+                        let pod = pods.get_opt(&report.pod_name).await.map_err(|e| {
+                            unavailable(format!("pod {namespace}/{}", report.pod_name), e)
+                        })?;
+                        elsewhere.insert(key.clone(), pod);
+                    }
+                    let Some(Some(pod)) = elsewhere.get(&key) else {
+                        continue;
+                    };
+                    let pod_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+                    (pod.metadata.uid.clone(), pod_node)
+                }
+            };
+            if !report.pod_uid.is_empty() && uid.as_deref() != Some(report.pod_uid.as_str()) {
+                continue;
+            }
+            if pod_node.as_deref() != Some(node) {
                 tracing::warn!(
                     %node,
                     namespace = %report.namespace,

@@ -311,11 +311,13 @@ impl<R: Resolver> NodeService<R> {
                         error = %error_chain(&error),
                         "custody did not answer; the volume keeps its granted files (grants still expire on time)"
                     );
-                    // Custody may be unable to verify the pod (its API
-                    // server slow or away) yet still know from its stores
-                    // that a grant ended or the agent was suspended: that
-                    // needs no API request, so withdraw what it reports
-                    // inactive now. The full refresh is retried either way.
+                    // Custody may be unable to verify the pod (a
+                    // TokenReview that did not come back in time) yet still
+                    // know from its stores that a grant ended or the agent
+                    // was suspended: its grant states need no pod token (one
+                    // Pod list, answering "unknown", never "inactive", when
+                    // that fails), so withdraw what it reports inactive now.
+                    // The full refresh is retried either way.
                     self.check_grant_states_locked(entry, permit).await?;
                     return Ok(Converged::Kept);
                 }

@@ -100,7 +100,7 @@ struct Retry {
 
 /// First delay before a refresh that custody could not answer is tried
 /// again; it doubles up to [`RETRY_MAX`]. Withdrawals do not wait for it:
-/// a failed refresh first asks custody's grant states (no API request) and
+/// a failed refresh first asks custody's grant states (no pod token) and
 /// withdraws what ended. The retry brings new and rotated content.
 pub const RETRY_FIRST: Duration = Duration::from_millis(500);
 /// Longest delay between retries of one volume's refresh. Not lower: after
