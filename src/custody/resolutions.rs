@@ -198,12 +198,9 @@ impl ResolutionLog {
                 {
                     // Someone (another replica, the controller) wrote first:
                     // add to what is there now.
-                    let Some(fresh) =
-                        api.get_status(name).await.map(Some).or_else(|e| match e {
-                            kube::Error::Api(s) if s.code == 404 => Ok(None),
-                            other => Err(other),
-                        })?
-                    else {
+                    // (The object: the chart grants `get` on grants, not
+                    // on their status subresource.)
+                    let Some(fresh) = api.get_opt(name).await? else {
                         return Ok(false);
                     };
                     let status = fresh.status.unwrap_or_default();

@@ -120,11 +120,9 @@ impl UsageLog {
         for _ in 0..CONFLICT_RETRIES {
             // Read the counters fresh: the write below is conditional on
             // exactly the count it adds to.
-            let Some(current) = api.get_status(name).await.map(Some).or_else(|e| match e {
-                kube::Error::Api(s) if s.code == 404 => Ok(None),
-                other => Err(other),
-            })?
-            else {
+            // The object itself, not its status subresource: the chart's
+            // ClusterRole grants `get` on grants and only `patch` on status.
+            let Some(current) = api.get_opt(name).await? else {
                 return Ok(false);
             };
             let status = current.status.unwrap_or_default();
