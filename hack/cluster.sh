@@ -471,6 +471,7 @@ metrics:
 proxyInjector:
   port: 19444
   url: https://127.0.0.1:19444/mutate-pods
+  sidecarPort: 19501
 node:
   kubeletDir: $D/kubelet
   stateDir: $D/scopehold-state

@@ -8,6 +8,9 @@
 #   scopehold.local/pause:3.10       a static pause program (hack/image/pause.c, gcc -static)
 #   scopehold.local/busybox:static   Debian's busybox-static with every applet linked,
 #                                    the agent image of the end-to-end tests
+#   scopehold.local/curl:dev         the busybox image plus Debian's curl and the shared
+#                                    libraries it loads (an agent that calls HTTPS APIs
+#                                    through the proxy sidecar; busybox wget cannot CONNECT)
 #   scopehold.local/scopehold:dev    the static musl `scopehold` and `kubectl-scopehold`,
 #                                    laid out like the Dockerfile's final stage
 #                                    (distroless/static:nonroot): /scopehold,
@@ -32,7 +35,7 @@ profile=${SCOPEHOLD_IMAGE_PROFILE:-dev}
 musl=x86_64-unknown-linux-musl
 
 # --- tools --------------------------------------------------------------------
-declare -A APT_PKGS=([umoci]=umoci [gcc]=gcc [musl-gcc]=musl-tools)
+declare -A APT_PKGS=([umoci]=umoci [gcc]=gcc [musl-gcc]=musl-tools [curl]=curl)
 missing=()
 for cmd in "${!APT_PKGS[@]}"; do
   command -v "$cmd" >/dev/null || missing+=("${APT_PKGS[$cmd]}")
@@ -101,6 +104,36 @@ if [[ ! -f $busybox_tar ]]; then
   pack "$busybox_ref" "$root" "$busybox_tar" --config.cmd /bin/sh --config.env PATH=/bin
 fi
 echo "$busybox_ref $busybox_tar"
+
+# --- curl agent image -------------------------------------------------------------
+curl_ref=scopehold.local/curl:dev
+curl_bin=$(command -v curl)
+# The dynamic loader and every library curl loads, by their resolved paths.
+mapfile -t curl_libs < <(ldd "$curl_bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u)
+key=$({ sha256sum /bin/busybox hack/image.sh "$curl_bin"; for lib in "${curl_libs[@]}"; do sha256sum "$(readlink -f "$lib")"; done; } | sha256sum | cut -c1-16)
+curl_tar=$(archive_path curl "$key")
+if [[ ! -f $curl_tar ]]; then
+  log "building $curl_ref (${#curl_libs[@]} libraries)"
+  root="$work/curl"
+  mkdir -p "$root/bin" "$root/tmp" "$root/etc" "$root/usr/bin"
+  chmod 1777 "$root/tmp"
+  cp /bin/busybox "$root/bin/busybox"
+  for applet in $(/bin/busybox --list); do
+    [[ $applet == busybox ]] || ln -s busybox "$root/bin/$applet"
+  done
+  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
+  printf 'root:x:0:\nnobody:x:65534:\n' >"$root/etc/group"
+  echo 'hosts: files dns' >"$root/etc/nsswitch.conf"
+  cp "$curl_bin" "$root/usr/bin/curl"
+  for lib in "${curl_libs[@]}"; do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done
+  # Copied to the paths curl asks for (/lib64/ld-linux-x86-64.so.2,
+  # /lib/x86_64-linux-gnu/…), where the loader looks without an ld.so.cache.
+  pack "$curl_ref" "$root" "$curl_tar" --config.cmd /bin/sh --config.env PATH=/usr/bin:/bin
+fi
+echo "$curl_ref $curl_tar"
 
 # --- scopehold ------------------------------------------------------------------
 scopehold_ref=scopehold.local/scopehold:dev

@@ -1141,6 +1141,51 @@ fn proxy_injector_is_registered_fail_closed_for_annotated_pods_only() {
     }
 }
 
+/// The operator's upstream CA reaches the controller as a file it reads at
+/// start, and a new CA rolls the replicas; without it nothing is mounted.
+#[test]
+fn proxy_upstream_ca_is_mounted_into_the_controller() {
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let r = render(&[&format!("proxyInjector.upstreamCA={pem}")]);
+    let cm = r.named("ConfigMap", "scopehold-proxy-upstream-ca");
+    assert_eq!(cm["data"]["ca.crt"], pem);
+    let deployment = r.one("Deployment");
+    let controller = container(deployment, "controller");
+    let args = strings(&controller["args"]);
+    let flag = args
+        .iter()
+        .position(|a| a == "--proxy-upstream-ca-file")
+        .expect("the flag");
+    let file = std::path::Path::new(&args[flag + 1]);
+    let mount = controller["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "proxy-upstream-ca")
+        .unwrap();
+    assert_eq!(file.parent().unwrap().to_str(), mount["mountPath"].as_str());
+    assert_eq!(mount["readOnly"], true);
+    let template = &deployment["spec"]["template"];
+    assert!(
+        template["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["configMap"]["name"] == "scopehold-proxy-upstream-ca")
+    );
+    let checksum = &template["metadata"]["annotations"]["checksum/proxy-upstream-ca"];
+    assert!(checksum.as_str().is_some_and(|c| c.len() == 64));
+
+    let r = render(&[]);
+    assert!(
+        r.all("ConfigMap")
+            .iter()
+            .all(|c| c["metadata"]["name"] != "scopehold-proxy-upstream-ca")
+    );
+    let args = strings(&container(r.one("Deployment"), "controller")["args"]);
+    assert!(!args.contains(&"--proxy-upstream-ca-file".to_string()));
+}
+
 #[test]
 fn network_policy_limits_custody_to_node_plugin_pods() {
     assert!(render(&[]).all("NetworkPolicy").is_empty());

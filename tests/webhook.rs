@@ -77,8 +77,21 @@ fn pod(name: &str, annotated: bool) -> Pod {
 
 /// `kubectl scopehold inject` on the same pod, with the same sidecar
 /// settings as the controller's flags.
+/// One CA certificate of a fixed run (what an operator's internal CA is).
+fn upstream_ca_pem() -> &'static str {
+    static PEM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PEM.get_or_init(|| {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().pem()
+    })
+}
+
 fn cli_inject(ns: &str, pod: &Pod, ca_pem: &str) -> Pod {
     let dir = tempfile::tempdir().unwrap();
+    let upstream_ca_file = dir.path().join("upstream-ca.crt");
+    std::fs::write(&upstream_ca_file, upstream_ca_pem()).unwrap();
     let file = dir.path().join("pod.yaml");
     std::fs::write(&file, serde_yaml::to_string(pod).unwrap()).unwrap();
     let ca = dir.path().join("ca.crt");
@@ -97,6 +110,8 @@ fn cli_inject(ns: &str, pod: &Pod, ca_pem: &str) -> Pod {
         ])
         .arg("--usage-ca-file")
         .arg(&ca)
+        .arg("--upstream-ca-file")
+        .arg(&upstream_ca_file)
         .arg("-f")
         .arg(&file)
         .env_remove("KUBECONFIG")
@@ -116,6 +131,12 @@ async fn annotated_pods_get_the_sidecar_others_pass_and_a_down_webhook_fails_clo
     install_crds(&client).await;
     let ns = test_namespace(&client, "webhook").await;
     let config_name = format!("{ns}-proxy-injector");
+    // The operator's upstream CA: the injected sidecar carries it, and the
+    // CLI given the same file prints the same pod.
+    let upstream_ca_dir = tempfile::tempdir().unwrap();
+    let upstream_ca = upstream_ca_dir.path().join("upstream-ca.crt");
+    std::fs::write(&upstream_ca, upstream_ca_pem()).unwrap();
+    let upstream_ca_arg = upstream_ca.display().to_string();
     let controller = ControllerProcess::start(
         &ns,
         &[
@@ -127,6 +148,8 @@ async fn annotated_pods_get_the_sidecar_others_pass_and_a_down_webhook_fails_clo
             IMAGE,
             "--proxy-usage-url",
             USAGE_URL,
+            "--proxy-upstream-ca-file",
+            &upstream_ca_arg,
             "--custody-tls-namespace",
             &ns,
             "--custody-tls-san",
@@ -222,6 +245,13 @@ async fn annotated_pods_get_the_sidecar_others_pass_and_a_down_webhook_fails_clo
     assert_eq!(sidecar.name, "scopehold-proxy");
     assert_eq!(sidecar.image.as_deref(), Some(IMAGE));
     assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    let upstream_ca_env = sidecar
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "SCOPEHOLD_PROXY_UPSTREAM_CA_PEM")
+        .and_then(|e| e.value.as_deref());
+    assert_eq!(upstream_ca_env, Some(upstream_ca_pem()));
     let volumes: Vec<_> = spec
         .volumes
         .iter()

@@ -117,6 +117,10 @@ struct WebhookArgs {
     /// it, sidecars only write audit lines.
     #[arg(long, env = "SCOPEHOLD_WEBHOOK_USAGE_URL")]
     proxy_usage_url: Option<String>,
+    /// PEM file of extra CAs the injected sidecars trust for upstream TLS
+    /// (private APIs behind an internal CA). Read once at start.
+    #[arg(long, env = "SCOPEHOLD_PROXY_UPSTREAM_CA_FILE")]
+    proxy_upstream_ca_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -343,6 +347,14 @@ struct ProxyArgs {
     /// Extra PEM CA bundles trusted for upstream TLS (private APIs, tests).
     #[arg(long, env = "SCOPEHOLD_PROXY_UPSTREAM_CA", value_delimiter = ',')]
     upstream_ca: Vec<PathBuf>,
+    /// Extra CAs trusted for upstream TLS as PEM text (the webhook sets it
+    /// from the controller's --proxy-upstream-ca-file).
+    #[arg(
+        long,
+        env = "SCOPEHOLD_PROXY_UPSTREAM_CA_PEM",
+        allow_hyphen_values = true
+    )]
+    upstream_ca_pem: Option<String>,
     /// How often (ms) the values volume is checked for rotation/revocation.
     #[arg(long, env = "SCOPEHOLD_PROXY_POLL_MS", default_value_t = 100)]
     poll_ms: u64,
@@ -378,6 +390,8 @@ enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error("--proxy-upstream-ca-file {path}: {message}")]
+    CaFile { path: PathBuf, message: String },
     #[error("proxy: --usage-url and --usage-ca go together")]
     UsageFlags,
     #[error("proxy rules: {0}")]
@@ -707,6 +721,18 @@ fn custody_tls_settings(args: &CustodyArgs) -> TlsSettings {
     }
 }
 
+/// A PEM CA bundle, checked to hold certificates (a bad file stops the
+/// start, not every injected sidecar later).
+fn read_ca_file(path: &std::path::Path) -> Result<String, CliError> {
+    let fail = |message: String| CliError::CaFile {
+        path: path.to_path_buf(),
+        message,
+    };
+    let pem = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    scopehold::proxy::ca_certificates(&pem).map_err(|e| fail(e.to_string()))?;
+    Ok(pem)
+}
+
 /// Binds the admission webhook and serves it in the background; keeps the
 /// webhook configuration's CA bundle current when one is named.
 async fn serve_webhook(
@@ -718,6 +744,11 @@ async fn serve_webhook(
     caches: scopehold::caches::Caches,
     instance: Option<String>,
 ) -> Result<(), CliError> {
+    let upstream_ca_pem = args
+        .proxy_upstream_ca_file
+        .as_ref()
+        .map(|path| read_ca_file(path))
+        .transpose()?;
     let material = tls::ensure(&client, &custody_tls_settings(custody))
         .await
         .map_err(CliError::Tls)?;
@@ -770,6 +801,7 @@ async fn serve_webhook(
                     url,
                     ca_pem: material.ca_pem.clone(),
                 }),
+            upstream_ca_pem,
         },
         usage: Some(Arc::new(intake)),
     });
@@ -828,6 +860,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), CliError> {
         rules,
         pod: args.pod,
         upstream_ca_files: args.upstream_ca,
+        upstream_ca_pem: args.upstream_ca_pem,
         poll: std::time::Duration::from_millis(args.poll_ms.clamp(10, 5000)),
         report: match (args.usage_url, args.usage_ca) {
             (Some(url), Some(ca_pem)) => Some(scopehold::proxy::report::ReportSettings {

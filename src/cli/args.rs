@@ -247,4 +247,11 @@ pub struct InjectArgs {
     /// PEM of the custody CA (the `ca.crt` of the scopehold-custody-ca ConfigMap).
     #[arg(long, env = "SCOPEHOLD_USAGE_CA_FILE", requires = "usage_url")]
     pub usage_ca_file: Option<String>,
+    /// Loopback port of the sidecar (as the webhook's --proxy-port).
+    #[arg(long, default_value_t = 15001)]
+    pub proxy_port: u16,
+    /// PEM of extra CAs the sidecar trusts for upstream TLS (as the
+    /// webhook's --proxy-upstream-ca-file).
+    #[arg(long, env = "SCOPEHOLD_PROXY_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<String>,
 }

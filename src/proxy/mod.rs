@@ -13,6 +13,7 @@ pub mod report;
 pub mod rules;
 pub mod scrub;
 pub mod server;
+pub mod tunnel;
 pub mod values;
 
 use std::net::SocketAddr;
@@ -46,6 +47,9 @@ pub struct ProxySettings {
     pub pod: String,
     /// Extra CAs trusted for upstream connections (tests, private APIs).
     pub upstream_ca_files: Vec<PathBuf>,
+    /// The same as PEM text (what the webhook injects: the sidecar
+    /// container has no file of the controller's).
+    pub upstream_ca_pem: Option<String>,
     /// How often the values volume is checked for changes.
     pub poll: Duration,
     /// Where uses are reported (none: audit lines only).
@@ -60,6 +64,8 @@ pub enum ProxyError {
     Publish(#[from] values::PublishError),
     #[error("reading upstream CA {path}: {message}")]
     UpstreamCa { path: PathBuf, message: String },
+    #[error("upstream CA (SCOPEHOLD_PROXY_UPSTREAM_CA_PEM): {0}")]
+    UpstreamCaPem(#[source] CaPemError),
     #[error("TLS client configuration: {0}")]
     Tls(#[from] rustls::Error),
     #[error("listening on {addr}: {source}")]
@@ -86,7 +92,10 @@ pub async fn start(
     ),
     ProxyError,
 > {
-    let upstream_tls = upstream_config(&settings.upstream_ca_files)?;
+    let upstream_tls = upstream_config(
+        &settings.upstream_ca_files,
+        settings.upstream_ca_pem.as_deref(),
+    )?;
     let report_tls = settings.report.as_ref().map(report::check).transpose()?;
     let ca = ca::PodCa::generate()?;
     let placeholders = values::placeholders(&settings.agent_dir, &settings.rules)?;
@@ -136,23 +145,47 @@ pub async fn start(
     }))
 }
 
-fn upstream_config(extra: &[PathBuf]) -> Result<Arc<rustls::ClientConfig>, ProxyError> {
+/// Why a PEM CA bundle was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum CaPemError {
+    #[error("not PEM: {0}")]
+    Pem(String),
+    #[error("no certificate in it")]
+    Empty,
+}
+
+/// The certificates of a PEM bundle; at least one.
+pub fn ca_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, CaPemError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CaPemError::Pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(CaPemError::Empty);
+    }
+    Ok(certs)
+}
+
+fn upstream_config(
+    files: &[PathBuf],
+    pem: Option<&str>,
+) -> Result<Arc<rustls::ClientConfig>, ProxyError> {
     let mut roots = RootCertStore::empty();
     roots.add_parsable_certificates(webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned());
-    for path in extra {
+    for path in files {
         let fail = |message: String| ProxyError::UpstreamCa {
             path: path.clone(),
             message,
         };
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| fail(e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| fail(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(fail("no certificate in the file".into()));
-        }
-        for cert in certs {
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        for cert in ca_certificates(&text).map_err(|e| fail(e.to_string()))? {
             roots.add(cert).map_err(|e| fail(e.to_string()))?;
+        }
+    }
+    if let Some(pem) = pem {
+        for cert in ca_certificates(pem).map_err(ProxyError::UpstreamCaPem)? {
+            roots
+                .add(cert)
+                .map_err(|e| ProxyError::UpstreamCaPem(CaPemError::Pem(e.to_string())))?;
         }
     }
     let mut config = rustls::ClientConfig::builder_with_provider(crypto())
@@ -161,4 +194,38 @@ fn upstream_config(extra: &[PathBuf]) -> Result<Arc<rustls::ClientConfig>, Proxy
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_bundle_must_hold_a_certificate() {
+        let ca = ca::PodCa::generate().unwrap();
+        let two = format!("{}{}", ca.certificate_pem(), ca.certificate_pem());
+        assert_eq!(ca_certificates(&two).unwrap().len(), 2);
+        assert!(matches!(ca_certificates(""), Err(CaPemError::Empty)));
+        assert!(matches!(
+            ca_certificates("just some text\n"),
+            Err(CaPemError::Empty)
+        ));
+        assert!(matches!(
+            ca_certificates(
+                "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"
+            ),
+            Err(CaPemError::Pem(_))
+        ));
+    }
+
+    #[test]
+    fn the_upstream_trust_takes_inline_pem_and_refuses_a_bad_one() {
+        let ca = ca::PodCa::generate().unwrap();
+        assert!(upstream_config(&[], Some(ca.certificate_pem())).is_ok());
+        let err = upstream_config(&[], Some("nothing")).unwrap_err();
+        assert!(
+            err.to_string().contains("SCOPEHOLD_PROXY_UPSTREAM_CA_PEM"),
+            "{err}"
+        );
+    }
 }

@@ -40,6 +40,11 @@ pub struct SidecarSettings {
     pub port: u16,
     /// Where the sidecar reports uses; none: audit lines only.
     pub usage: Option<UsageTarget>,
+    /// PEM of extra CAs the sidecar trusts for upstream TLS (private APIs).
+    /// Set by the cluster's operator only: a pod that could name its own
+    /// CA (and, by hostAliases, its own address for a granted host) would
+    /// have the sidecar hand the value to a server of its choosing.
+    pub upstream_ca_pem: Option<String>,
 }
 
 /// The controller's usage endpoint and the CA of its certificate.
@@ -55,6 +60,7 @@ impl Default for SidecarSettings {
             image: "ghcr.io/scopehold/scopehold:latest".into(),
             port: 15001,
             usage: None,
+            upstream_ca_pem: None,
         }
     }
 }
@@ -218,6 +224,9 @@ pub fn inject(
             ..Default::default()
         },
     ];
+    if let Some(pem) = &settings.upstream_ca_pem {
+        sidecar_env.push(env("SCOPEHOLD_PROXY_UPSTREAM_CA_PEM", pem));
+    }
     if let Some(usage) = &settings.usage {
         sidecar_env.push(env("SCOPEHOLD_PROXY_USAGE_URL", &usage.url));
         sidecar_env.push(env("SCOPEHOLD_PROXY_USAGE_CA", &usage.ca_pem));
@@ -617,6 +626,36 @@ mod tests {
         let patch = admission_patch(&raw, &out, &settings).unwrap();
         apply(&mut raw, &patch);
         assert_eq!(raw, serde_json::to_value(&out).unwrap());
+    }
+
+    #[test]
+    fn the_operators_upstream_ca_reaches_the_sidecar_only() {
+        let settings = SidecarSettings {
+            upstream_ca_pem: Some("-----BEGIN CERTIFICATE-----\nX\n".into()),
+            ..Default::default()
+        };
+        let out = inject(&pod(), &rules(), &settings).unwrap();
+        let spec = out.spec.as_ref().unwrap();
+        let with_ca: Vec<_> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .filter(|c| {
+                c.env.iter().flatten().any(|e| {
+                    e.name == "SCOPEHOLD_PROXY_UPSTREAM_CA_PEM"
+                        && e.value == settings.upstream_ca_pem
+                })
+            })
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(with_ca, [SIDECAR_NAME]);
+        let without = inject(&pod(), &rules(), &SidecarSettings::default()).unwrap();
+        assert!(
+            !serde_json::to_string(&without)
+                .unwrap()
+                .contains("UPSTREAM_CA")
+        );
     }
 
     #[test]

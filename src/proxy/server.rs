@@ -24,6 +24,7 @@ use super::audit::{ProxyUse, Usage};
 use super::ca::PodCa;
 use super::inject::{self, Compiled, Refusal, Target};
 use super::scrub::ScrubBody;
+use super::tunnel;
 use super::values::ValueStore;
 use crate::audit::Decision;
 
@@ -140,12 +141,35 @@ async fn front(
     }
     let granted = !proxy.compiled.keys_for(&target).is_empty();
     if req.method() == Method::CONNECT {
+        let upstream = if granted {
+            None
+        } else {
+            record.event = "ProxyTunnel";
+            match tunnel::dial(&target).await {
+                Ok(upstream) => Some(upstream),
+                Err(error) => {
+                    return Ok(refuse(
+                        &mut record,
+                        Refusal {
+                            status: StatusCode::BAD_GATEWAY,
+                            reason: "UpstreamUnreachable",
+                            message: format!(
+                                "scopehold proxy: cannot connect to {target}: {error}"
+                            ),
+                            grants: vec![],
+                        },
+                    ));
+                }
+            }
+        };
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
-            match upgrade.await {
-                Ok(upgraded) if granted => intercept(proxy, TokioIo::new(upgraded), target).await,
-                Ok(upgraded) => tunnel(TokioIo::new(upgraded), record).await,
-                Err(error) => tracing::debug!(%error, "proxy: CONNECT upgrade failed"),
+            match (upgrade.await, upstream) {
+                (Ok(upgraded), None) => intercept(proxy, TokioIo::new(upgraded), target).await,
+                (Ok(upgraded), Some(upstream)) => {
+                    tunnel::run(TokioIo::new(upgraded), upstream, record).await
+                }
+                (Err(error), _) => tracing::debug!(%error, "proxy: CONNECT upgrade failed"),
             }
         });
         return Ok(Response::new(
@@ -168,46 +192,6 @@ async fn front(
         ));
     }
     forward_plain(req, target, record).await
-}
-
-/// Bytes both ways, untouched: the proxy sees only ciphertext, and any
-/// placeholder inside stays a placeholder.
-async fn tunnel(mut agent: TokioIo<hyper::upgrade::Upgraded>, mut record: ProxyUse) {
-    record.event = "ProxyTunnel";
-    let result = async {
-        let mut upstream = TcpStream::connect((record_host(&record), port_of(&record))).await?;
-        let _ = upstream.set_nodelay(true);
-        tokio::io::copy_bidirectional(&mut agent, &mut upstream).await
-    }
-    .await;
-    match result {
-        Ok((up, down)) => {
-            record.request_bytes = up;
-            record.response_bytes = down;
-        }
-        Err(error) => {
-            record.decision = Decision::Denied;
-            record.reason = Some("UpstreamUnreachable");
-            tracing::debug!(%error, host = %record.host, "proxy: tunnel failed");
-        }
-    }
-    record.emit();
-}
-
-fn record_host(record: &ProxyUse) -> String {
-    record
-        .host
-        .rsplit_once(':')
-        .map(|(h, _)| h.to_owned())
-        .unwrap_or_default()
-}
-
-fn port_of(record: &ProxyUse) -> u16 {
-    record
-        .host
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap_or(443)
 }
 
 /// Plain HTTP to a host that holds no grant: forwarded as it is.

@@ -38,6 +38,10 @@ pub const CUSTODY_PORT: u16 = 19443;
 pub const METRICS_PORT: u16 = 18080;
 pub const NODE_HEALTH_PORT: u16 = 19808;
 
+/// Names the test upstream's certificate covers (pods map them to 127.0.0.1
+/// with hostAliases): one to grant, one never granted.
+pub const UPSTREAM_HOSTS: [&str; 2] = ["api.upstream.test", "other.upstream.test"];
+
 /// Cluster start: builds are done before (hack/test.sh) or cached; this covers
 /// a cold image build and the node's start.
 const START_TIMEOUT: Duration = Duration::from_secs(1500);
@@ -148,9 +152,42 @@ fn start() -> Result<Cluster, String> {
     })
 }
 
+/// A CA and a serving certificate for [`UPSTREAM_HOSTS`] in `dir`; returns
+/// the CA file.
+fn write_upstream_pki(dir: &Path) -> Result<PathBuf, String> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let fail = |e: &dyn std::fmt::Display| format!("test upstream PKI: {e}");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail(&e))?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "scopehold real-node test upstream CA");
+    let ca_key = KeyPair::generate().map_err(|e| fail(&e))?;
+    let ca_cert = ca.self_signed(&ca_key).map_err(|e| fail(&e))?;
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf =
+        CertificateParams::new(UPSTREAM_HOSTS.map(String::from).to_vec()).map_err(|e| fail(&e))?;
+    let key = KeyPair::generate().map_err(|e| fail(&e))?;
+    let cert = leaf.signed_by(&key, &issuer).map_err(|e| fail(&e))?;
+    std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+    for (name, text) in [
+        ("ca.crt", ca_cert.pem()),
+        ("tls.crt", cert.pem()),
+        ("tls.key", key.serialize_pem()),
+    ] {
+        std::fs::write(dir.join(name), text).map_err(|e| fail(&e))?;
+    }
+    Ok(dir.join("ca.crt"))
+}
+
 impl Cluster {
     pub fn node_name(&self) -> &str {
         &self.env["NODE_NAME"]
+    }
+
+    /// `ca.crt`, `tls.crt` and `tls.key` of a test upstream serving
+    /// [`UPSTREAM_HOSTS`], whose CA the release's injected sidecars trust.
+    pub fn upstream_pki_dir(&self) -> PathBuf {
+        self.dir.join("upstream-pki")
     }
 
     pub fn kubelet_dir(&self) -> PathBuf {
@@ -226,6 +263,8 @@ impl Cluster {
         let started = Instant::now();
         let chart = repo().join("charts/scopehold");
         let values = self.values.to_string_lossy().into_owned();
+        let upstream_ca = write_upstream_pki(&self.upstream_pki_dir())?;
+        let upstream_ca = format!("proxyInjector.upstreamCA={}", upstream_ca.display());
         let out = self.helm(&[
             "install",
             RELEASE,
@@ -235,6 +274,10 @@ impl Cluster {
             "--create-namespace",
             "-f",
             &values,
+            // The CA of test upstreams on loopback, trusted by injected
+            // proxy sidecars (the operator's setting).
+            "--set-file",
+            &upstream_ca,
             "--wait",
             "--timeout",
             "5m",

@@ -53,10 +53,21 @@ pub async fn run(ctx: &Ctx, args: &InjectArgs) -> Result<(), CliError> {
         }),
         _ => None,
     };
+    let upstream_ca_pem = match &args.upstream_ca_file {
+        Some(file) => {
+            let pem = std::fs::read_to_string(file)
+                .map_err(|e| CliError::invalid(format!("reading {file}: {e}")))?;
+            crate::proxy::ca_certificates(&pem)
+                .map_err(|e| CliError::invalid(format!("{file}: {e}")))?;
+            Some(pem)
+        }
+        None => None,
+    };
     let settings = SidecarSettings {
         image: args.image.clone(),
+        port: args.proxy_port,
         usage,
-        ..Default::default()
+        upstream_ca_pem,
     };
     let changed = inject(&pod, &rules, &settings).map_err(|e| CliError::invalid(e.to_string()))?;
     match ctx.output {
