@@ -168,24 +168,31 @@ impl EventSink {
 
     /// Registers the sink's counters (`scopehold_event_*`).
     pub fn register(&self, registry: &mut Registry) {
+        self.register_as(registry, "scopehold_event");
+    }
+
+    /// Registers the sink's counters as `{prefix}_*`: a process with two
+    /// sinks (custody's and the controller's) needs two sets of names, since
+    /// one name may not be registered twice.
+    pub fn register_as(&self, registry: &mut Registry, prefix: &str) {
         let m = &self.shared.metrics;
         registry.register(
-            "scopehold_event_occurrences",
+            format!("{prefix}_occurrences"),
             "Occurrences handed to the Event writer (each is also an audit line)",
             m.occurrences.clone(),
         );
         registry.register(
-            "scopehold_event_writes",
+            format!("{prefix}_writes"),
             "Event writes to the API server by verb (create: a new series, patch: a series count) and result",
             m.writes.clone(),
         );
         registry.register(
-            "scopehold_event_series_pending",
+            format!("{prefix}_series_pending"),
             "Event series with occurrences not yet written",
             m.pending.clone(),
         );
         registry.register(
-            "scopehold_event_occurrences_dropped",
+            format!("{prefix}_occurrences_dropped"),
             "Occurrences whose Event could not be written after retries or before the shutdown deadline",
             m.dropped.clone(),
         );

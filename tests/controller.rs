@@ -9,6 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::objects::{create_grant, create_identity, create_secret, key};
 use common::{
     ControllerProcess, client, create_service_account, install_crds, test_namespace, wait_for_desc,
 };
@@ -762,4 +763,93 @@ async fn malformed_object_does_not_stop_the_controller() {
     assert!(message.contains("two keys map to the file"), "{message}");
     f.grant("fine", "bot", "creds", &["api"], |_| {}).await;
     f.await_grant("fine", GrantPhase::Active, "Active").await;
+}
+
+/// Bulk creation while the controller is down (an install, a restore, a
+/// GitOps sync): an identity's `access` comes from evaluating its grants, so
+/// its status is written once with every grant in it, not once per grant as
+/// each grant's own status turns Active. Each activation still has its
+/// `GrantActivated` Event on the grant (written off the reconcile's path).
+#[tokio::test]
+async fn bulk_start_writes_each_identity_once_and_an_event_per_activation() {
+    const GRANTS: usize = 6;
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = test_namespace(&client, "bulk").await;
+    create_secret(&client, &ns, "creds", &[("api", "bulk-value")]).await;
+    create_identity(&client, &ns, "bot", "bot-sa", false).await;
+    for i in 0..GRANTS {
+        create_grant(
+            &client,
+            &ns,
+            &format!("g{i}"),
+            "bot",
+            "creds",
+            vec![key("api")],
+            |_| {},
+        )
+        .await;
+    }
+    let f = Fixture {
+        client: client.clone(),
+        ns: ns.clone(),
+        controller: ControllerProcess::start(&ns, &["--metrics-listen", "127.0.0.1:0"]),
+    };
+    for i in 0..GRANTS {
+        f.await_grant(&format!("g{i}"), GrantPhase::Active, "Active")
+            .await;
+    }
+    wait_for_desc("identity lists every grant", WAIT, async || {
+        let s = f.identities().get("bot").await.ok()?.status?;
+        (s.active_grants == GRANTS as i32 && s.access.len() == GRANTS).then_some(())
+    })
+    .await;
+    for i in 0..GRANTS {
+        f.await_event(&format!("g{i}"), "GrantActivated").await;
+    }
+    // Every grant status write has reached the identity controller by now
+    // (and would have rewritten the identity if its access came from them).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let line = f
+        .controller
+        .wait_for_log(|l| l.contains("metrics_addr"), WAIT)
+        .await;
+    let addr = serde_json::from_str::<serde_json::Value>(&line).expect("json")["metrics_addr"]
+        .as_str()
+        .expect("addr")
+        .to_owned();
+    let body = reqwest_get(&format!("http://{addr}/metrics"))
+        .await
+        .expect("metrics");
+    assert_eq!(
+        metric(
+            &body,
+            "scopehold_status_writes_total{kind=\"AgentIdentity\"}"
+        ),
+        1.0,
+        "identity status writes for {GRANTS} grants created while the controller was down\n{body}"
+    );
+    assert_eq!(
+        metric(&body, "scopehold_status_writes_total{kind=\"SecretGrant\"}"),
+        GRANTS as f64
+    );
+    let events: Api<K8sEvent> = Api::namespaced(client.clone(), &ns);
+    let activated: Vec<K8sEvent> = events
+        .list(&Default::default())
+        .await
+        .expect("list Events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("GrantActivated"))
+        .collect();
+    assert_eq!(
+        activated.len(),
+        GRANTS,
+        "one GrantActivated Event per grant: {activated:#?}"
+    );
+    assert_eq!(
+        metric(&body, "scopehold_controller_event_occurrences_total"),
+        GRANTS as f64,
+        "{body}"
+    );
 }

@@ -251,9 +251,16 @@ impl Fixture {
     }
 
     async fn await_event(&self, reason: &str, regarding: &str, related: &str) {
+        self.await_event_related(reason, regarding, Some(related))
+            .await;
+    }
+
+    /// Events are written in the background (custody's and the controller's
+    /// alike): wait for one before reading the audit trail.
+    async fn await_event_related(&self, reason: &str, regarding: &str, related: Option<&str>) {
         let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), &self.ns);
         wait_for_desc(
-            &format!("{reason} Event regarding {regarding} related to {related}"),
+            &format!("{reason} Event regarding {regarding} related to {related:?}"),
             WAIT,
             async || {
                 api.list(&ListParams::default())
@@ -265,7 +272,7 @@ impl Fixture {
                         e.reason.as_deref() == Some(reason)
                             && e.regarding.as_ref().and_then(|r| r.name.as_deref())
                                 == Some(regarding)
-                            && e.related.as_ref().and_then(|r| r.name.as_deref()) == Some(related)
+                            && e.related.as_ref().and_then(|r| r.name.as_deref()) == related
                     })
             },
         )
@@ -617,6 +624,8 @@ async fn audit_shows_resolutions_and_denials() {
     // A series per grant, related to the agent (the pods are in the audit lines).
     f.await_event("SecretResolved", "bot-creds", "bot").await;
     f.await_event("AccessDenied", "sleepy", "sleepy-pod").await;
+    f.await_event_related("GrantActivated", "bot-creds", None)
+        .await;
 
     let audit = plugin(ns, &["audit"]).ok();
     assert!(

@@ -477,6 +477,17 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         events.register(&mut registry);
         (events, CustodyMetrics::register(&mut registry))
     });
+    // Transitions (GrantActivated, ...) are written by their own flusher, so a
+    // reconcile never waits on an Event; `scopehold_controller_event_*`.
+    let controller_events = controller::event_sink(client.clone(), args.instance.clone());
+    controller_events.register_as(&mut registry, "scopehold_controller_event");
+    tokio::spawn(
+        controller_events
+            .clone()
+            .run(std::time::Duration::from_millis(
+                args.custody.event_flush_ms.max(50),
+            )),
+    );
     let health = Arc::new(controller::WatchHealth::register(&mut registry));
     let ready = Arc::new(AtomicBool::new(false));
     let listener = bind_tcp(args.metrics_listen, args.listen_reuse_port).map_err(|source| {
@@ -578,6 +589,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         client.clone(),
         settings,
         metrics,
+        controller_events.clone(),
         caches.clone(),
         writers,
         ready,
@@ -587,9 +599,16 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
     .await;
     // Nothing recorded is lost on shutdown: pending Event series and
     // resolution counts are written, bounded by a deadline.
+    let deadline = std::time::Instant::now()
+        + std::time::Duration::from_secs(args.custody.shutdown_flush_seconds);
+    let written = controller_events.close(deadline).await;
+    tracing::info!(
+        events_created = written.created,
+        events_patched = written.patched,
+        events_left = written.left,
+        "flushed the controller's Events"
+    );
     if let Some((events, resolutions)) = flush_on_exit {
-        let deadline = std::time::Instant::now()
-            + std::time::Duration::from_secs(args.custody.shutdown_flush_seconds);
         let written = events.close(deadline).await;
         let statuses = tokio::time::timeout_at(
             tokio::time::Instant::from_std(deadline),

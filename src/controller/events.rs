@@ -2,9 +2,10 @@
 //! names, reasons and digests only.
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::EventType;
 
 use crate::audit::{AuditRecord, Decision};
+use crate::event_series::{EventSink, Occurrence};
 
 /// One transition worth telling users about.
 pub struct Transition {
@@ -27,35 +28,26 @@ impl Transition {
     }
 }
 
-/// Writes the audit line, then the Event. A failed Event is logged, not
-/// retried: the status already records the state, and the audit line is out.
-pub async fn publish(recorder: &Recorder, regarding: &ObjectReference, t: Transition) {
+/// Writes the audit line at once and hands the Event to the process's
+/// Event writer, which aggregates repeats into a series and writes it within
+/// a flush interval, off the reconcile's path: at a bulk start one Event POST
+/// per grant, awaited inside the reconcile, doubled each reconcile's time.
+/// A failed Event is retried by the writer and counted if it is dropped; the
+/// status already records the state, and the audit line is out.
+pub fn publish(events: &EventSink, regarding: &ObjectReference, t: Transition) {
     let mut audit = t.audit;
     audit.message = Some(t.note.clone());
     audit.emit();
-    let event = Event {
+    events.record(Occurrence {
+        regarding: regarding.clone(),
+        related: None,
+        reason: t.reason.to_owned(),
+        action: "Reconcile".to_owned(),
         type_: if t.warning {
             EventType::Warning
         } else {
             EventType::Normal
         },
-        reason: t.reason.to_owned(),
-        note: Some(truncate(&t.note, 1000)),
-        action: "Reconcile".to_owned(),
-        secondary: None,
-    };
-    if let Err(error) = recorder.publish(&event, regarding).await {
-        tracing::warn!(reason = t.reason, %error, "publishing Event failed");
-    }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+        note: t.note,
+    });
 }

@@ -39,30 +39,7 @@ pub async fn reconcile(grant: Arc<SecretGrant>, ctx: Arc<Context>) -> Result<Act
         .caches
         .identities
         .get(&ObjectRef::new(&grant.spec.agent).within(&namespace));
-    let conflict = identity.as_ref().is_some_and(|i| {
-        ctx.caches
-            .identities_claiming(&namespace, &i.spec.service_account_name)
-            .len()
-            > 1
-    });
-    let secret = ctx
-        .caches
-        .secrets
-        .get_or_fetch(&ctx.client, &namespace, &grant.spec.secret_name)
-        .await?;
-    let agent_state = match &identity {
-        Some(identity) => AgentState::Present { identity, conflict },
-        None => AgentState::Missing,
-    };
-    let secret_state = SecretState::cached(&ctx.caches.secrets, secret.as_deref());
-    let now = Timestamp::now();
-    let evaluation = evaluate_grant_within(
-        &grant,
-        agent_state,
-        secret_state,
-        now,
-        Some(ctx.volume_size_limit_bytes),
-    );
+    let (evaluation, now) = evaluate(&ctx, &grant, &namespace, identity.as_deref()).await?;
 
     let old = ctx
         .current_status(&grant.metadata, grant.status.clone())
@@ -85,7 +62,7 @@ pub async fn reconcile(grant: Arc<SecretGrant>, ctx: Arc<Context>) -> Result<Act
             .await?;
         ctx.remember_written(&updated.metadata, &desired);
         for t in transitions(&grant, identity.as_deref(), &old, &evaluation) {
-            publish(&ctx.recorder, &grant.object_ref(&()), t).await;
+            publish(&ctx.events, &grant.object_ref(&()), t);
         }
     }
     ctx.metrics.reconciled(KIND, written);
@@ -97,6 +74,43 @@ pub async fn reconcile(grant: Arc<SecretGrant>, ctx: Arc<Context>) -> Result<Act
         Some(left) if left < RESYNC => Action::requeue(left + EXPIRY_SLACK),
         _ => Action::requeue(RESYNC),
     })
+}
+
+/// What `grant` of the agent `identity` (from the store) amounts to now, and
+/// the instant it was judged at: the one evaluation both the grant's status
+/// and its agent's `access` list come from.
+pub(super) async fn evaluate(
+    ctx: &Context,
+    grant: &SecretGrant,
+    namespace: &str,
+    identity: Option<&AgentIdentity>,
+) -> Result<(GrantEvaluation, Timestamp), Error> {
+    let conflict = identity.is_some_and(|i| {
+        ctx.caches
+            .identities_claiming(namespace, &i.spec.service_account_name)
+            .len()
+            > 1
+    });
+    let secret = ctx
+        .caches
+        .secrets
+        .get_or_fetch(&ctx.client, namespace, &grant.spec.secret_name)
+        .await?;
+    let agent_state = match identity {
+        Some(identity) => AgentState::Present { identity, conflict },
+        None => AgentState::Missing,
+    };
+    let secret_state = SecretState::cached(&ctx.caches.secrets, secret.as_deref());
+    // After the fetch, which may wait: an expiry passed meanwhile counts.
+    let now = Timestamp::now();
+    let evaluation = evaluate_grant_within(
+        grant,
+        agent_state,
+        secret_state,
+        now,
+        Some(ctx.volume_size_limit_bytes),
+    );
+    Ok((evaluation, now))
 }
 
 /// The status fields the controller owns. The resolution fields belong to the

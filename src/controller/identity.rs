@@ -13,7 +13,7 @@ use serde_json::json;
 use super::events::{Transition, publish};
 use super::{Context, Error, FIELD_MANAGER};
 use crate::api::conditions::{self, Reason, find_ready};
-use crate::api::{AgentIdentity, AgentIdentityStatus, SecretGrant};
+use crate::api::{AgentIdentity, AgentIdentityStatus};
 use crate::audit::Decision;
 use crate::policy::evaluate::{IdentityEvaluation, evaluate_identity};
 
@@ -35,9 +35,19 @@ pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Resul
         .map(|peer| peer.name_any())
         .filter(|n| *n != name)
         .collect();
+    // `access` comes from evaluating the grants now, as the grant controller
+    // and custody do, not from the phases their statuses show: those turn
+    // Active one reconcile at a time, and at a bulk start (every grant new)
+    // an identity was rewritten once per grant (5.7 writes per identity for 5
+    // grants, BENCHMARKS.md). Now it is written once its grants are known,
+    // and their status writes, which wake it again, change nothing.
     let grants = ctx.caches.grants_of_agent(&namespace, &name);
-    let grants: Vec<&SecretGrant> = grants.iter().map(AsRef::as_ref).collect();
-    let evaluation = evaluate_identity(&identity, &peers, &grants);
+    let mut phases = Vec::with_capacity(grants.len());
+    for grant in &grants {
+        let (e, _) = super::grant::evaluate(&ctx, grant, &namespace, Some(&identity)).await?;
+        phases.push((grant.as_ref(), e.phase));
+    }
+    let evaluation = evaluate_identity(&identity, &peers, &phases);
 
     let old = ctx
         .current_status(&identity.metadata, identity.status.clone())
@@ -83,7 +93,7 @@ pub async fn reconcile(identity: Arc<AgentIdentity>, ctx: Arc<Context>) -> Resul
         ctx.remember_written(&updated.metadata, &desired);
         let old_reason = find_ready(&old.conditions).map(|c| c.reason.clone());
         if let Some(t) = transition(&identity, old_reason.as_deref(), &evaluation) {
-            publish(&ctx.recorder, &identity.object_ref(&()), t).await;
+            publish(&ctx.events, &identity.object_ref(&()), t);
         }
     }
     ctx.metrics.reconciled(KIND, written);

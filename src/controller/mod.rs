@@ -22,10 +22,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use kube::Client;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::watcher;
 
 use crate::caches::{CacheWriters, Caches};
+use crate::event_series::EventSink;
 use crate::secrets::SecretCacheError;
 
 pub use metrics::Metrics;
@@ -70,7 +71,8 @@ pub struct Context {
     /// Whether this replica holds the lease; followers reconcile nothing.
     pub is_leader: tokio::sync::watch::Receiver<bool>,
     pub caches: Caches,
-    pub recorder: Recorder,
+    /// The controller's Event writer (see [`event_sink`]).
+    pub events: EventSink,
     pub metrics: Arc<Metrics>,
     /// See [`Settings::volume_size_limit_bytes`].
     pub volume_size_limit_bytes: u64,
@@ -138,6 +140,19 @@ where
     Action::requeue(Duration::from_secs(2))
 }
 
+/// The controller's own Event writer, reporting as [`FIELD_MANAGER`]: its
+/// owner runs the flusher ([`EventSink::run`]) and closes it on shutdown.
+/// `instance` is [`Settings::instance`].
+pub fn event_sink(client: Client, instance: Option<String>) -> EventSink {
+    EventSink::new(
+        client,
+        Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance,
+        },
+    )
+}
+
 /// Runs both controllers and the Secret watch until a shutdown signal.
 /// `ready` is set once both stores hold their first full list.
 #[allow(clippy::too_many_arguments)]
@@ -145,6 +160,7 @@ pub async fn run(
     client: Client,
     settings: Settings,
     metrics: Arc<Metrics>,
+    events: EventSink,
     caches: Caches,
     writers: CacheWriters,
     ready: Arc<std::sync::atomic::AtomicBool>,
@@ -186,16 +202,12 @@ pub async fn run(
         health,
     );
 
-    let reporter = Reporter {
-        controller: FIELD_MANAGER.to_owned(),
-        instance: settings.instance.clone(),
-    };
     let ctx = Arc::new(Context {
-        client: client.clone(),
+        client,
         written: Default::default(),
         is_leader: is_leader.clone(),
         caches: caches.clone(),
-        recorder: Recorder::new(client, reporter),
+        events,
         metrics,
         volume_size_limit_bytes: settings.volume_size_limit_bytes,
     });

@@ -306,16 +306,17 @@ pub struct IdentityEvaluation {
 
 /// Decides an identity's Ready condition and what it can see. `peers` are the
 /// other identities in the namespace that claim the same ServiceAccount;
-/// `grants` are this identity's grants with their current phase.
+/// `grants` are this identity's grants with the phase they evaluate to now
+/// (not the phase their statuses show yet: see `controller::identity`).
 pub fn evaluate_identity(
     identity: &AgentIdentity,
     peers: &[String],
-    grants: &[&SecretGrant],
+    grants: &[(&SecretGrant, GrantPhase)],
 ) -> IdentityEvaluation {
     let mut access: Vec<AccessEntry> = grants
         .iter()
-        .filter(|g| g.phase() == Some(GrantPhase::Active))
-        .map(|g| AccessEntry {
+        .filter(|(_, phase)| *phase == GrantPhase::Active)
+        .map(|(g, _)| AccessEntry {
             grant: g.metadata.name.clone().unwrap_or_default(),
             secret: g.spec.secret_name.clone(),
             keys: g.key_names(),
@@ -584,19 +585,24 @@ mod tests {
     fn identity_access_lists_active_grants_sorted() {
         let mut g1 = grant(&["api"]);
         g1.metadata.name = Some("zeta".into());
-        g1.status = Some(crate::api::SecretGrantStatus {
-            phase: Some(GrantPhase::Active),
-            ..Default::default()
-        });
         let mut g2 = g1.clone();
         g2.metadata.name = Some("alpha".into());
         let mut g3 = g1.clone();
         g3.metadata.name = Some("revoked".into());
+        // The phase given is what counts, not a status written earlier.
         g3.status = Some(crate::api::SecretGrantStatus {
-            phase: Some(GrantPhase::Revoked),
+            phase: Some(GrantPhase::Active),
             ..Default::default()
         });
-        let e = evaluate_identity(&identity(), &[], &[&g1, &g2, &g3]);
+        let e = evaluate_identity(
+            &identity(),
+            &[],
+            &[
+                (&g1, GrantPhase::Active),
+                (&g2, GrantPhase::Active),
+                (&g3, GrantPhase::Revoked),
+            ],
+        );
         assert!(e.ready);
         assert_eq!(e.active_grants, 2);
         assert_eq!(
