@@ -52,6 +52,9 @@ use tonic::transport::Channel;
 const SYSTEM_NS: &str = "scopehold-system";
 const NODE_SA: &str = "scopehold-node";
 const HOT_SECRET: &str = "hot";
+/// No object written for this long: the work before has settled.
+const QUIET: Duration = Duration::from_secs(5);
+const SETTLE_LIMIT: Duration = Duration::from_secs(300);
 
 #[derive(Parser, Debug)]
 #[command(about = "One controller (2 replicas) against many grants, identities and node stand-ins")]
@@ -77,7 +80,9 @@ struct Args {
     /// Seconds of idle steady state to measure the API request rate.
     #[arg(long, default_value_t = 30)]
     steady_seconds: u64,
-    #[arg(long, default_value_t = 32)]
+    /// Set-up requests in flight at once (per phase; grants and pods are
+    /// created at the same time).
+    #[arg(long, default_value_t = 64)]
     setup_concurrency: usize,
 }
 
@@ -436,6 +441,50 @@ async fn api_requests(client: &Client) -> BTreeMap<String, f64> {
     out
 }
 
+/// Requests that change objects, without those an idle cluster makes anyway
+/// (leader-election leases, the API server's own endpoints).
+fn object_writes(counts: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    counts
+        .iter()
+        .filter(|(k, _)| !k.starts_with("GET") && !k.starts_with("LIST") && !k.starts_with("WATCH"))
+        .filter(|(k, _)| {
+            !k.ends_with(" leases") && !k.ends_with(" endpoints") && !k.ends_with(" endpointslices")
+        })
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
+}
+
+/// Waits until no object has been written for `quiet` (statuses, Events and
+/// resolution counts flushed after the work that caused them), at most
+/// `limit`. Returns when the last write was seen, and whether it settled.
+async fn settle(client: &Client, quiet: Duration, limit: Duration) -> (Instant, bool) {
+    let start = Instant::now();
+    let mut last = object_writes(&api_requests(client).await);
+    let mut last_write = start;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = object_writes(&api_requests(client).await);
+        if now != last {
+            last = now;
+            last_write = Instant::now();
+        }
+        if last_write.elapsed() >= quiet {
+            return (last_write, true);
+        }
+        if start.elapsed() >= limit {
+            return (last_write, false);
+        }
+    }
+}
+
+fn by_kind(counts: &BTreeMap<String, f64>) -> String {
+    counts
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn delta(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
     b.iter()
         .map(|(k, v)| (k.clone(), v - a.get(k).copied().unwrap_or(0.0)))
@@ -556,7 +605,7 @@ async fn main() {
     })
     .await;
     // Grant 0 of every agent in namespace 0 is on the hot Secret.
-    create_n(
+    let grants_created = create_n(
         args.identities * args.grants_per_identity,
         c,
         |g| async move {
@@ -587,60 +636,70 @@ async fn main() {
                 .await
                 .expect("grant");
         },
-    )
-    .await;
-    Api::<ServiceAccount>::namespaced(client.clone(), SYSTEM_NS)
-        .create(
-            &PostParams::default(),
-            &ServiceAccount {
-                metadata: meta(NODE_SA),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("node sa");
-    let node_tokens: Vec<String> = futures::stream::iter(0..args.nodes)
-        .map(|n| async move {
-            let node = format!("node-{n:03}");
-            Api::<Node>::all(client.clone())
-                .create(
-                    &PostParams::default(),
-                    &Node {
-                        metadata: meta(&node),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .expect("node");
-            let pod =
-                create_pod(client, SYSTEM_NS, &format!("plugin-{n:03}"), NODE_SA, &node).await;
-            bound_token(client, SYSTEM_NS, NODE_SA, &pod).await
-        })
-        .buffered(c)
-        .collect()
-        .await;
-    // Volume i: on node i / volumes_per_node, of agent i % identities.
-    let total_volumes = args.nodes * args.volumes_per_node;
-    let volumes: Vec<Volume> = futures::stream::iter(0..total_volumes)
-        .map(|i| async move {
-            let a = i % args.identities;
-            let namespace = agent_ns(args, a);
-            let sa = format!("agent-{a}");
-            let name = format!("pod-{i:05}");
-            let node = format!("node-{:03}", i / args.volumes_per_node);
-            let pod = create_pod(client, &namespace, &name, &sa, &node).await;
-            let token = bound_token(client, &namespace, &sa, &pod).await;
-            Volume {
-                ns: namespace,
-                pod: name,
-                uid: pod.uid().expect("uid"),
-                sa,
-                token,
-            }
-        })
-        .buffered(c)
-        .collect()
-        .await;
+    );
+    // Pods and their tokens need only the ServiceAccounts: they are made
+    // while the grants are (the set-up is API round trips, most of them
+    // for 2 requests per volume).
+    let pods_made = async {
+        Api::<ServiceAccount>::namespaced(client.clone(), SYSTEM_NS)
+            .create(
+                &PostParams::default(),
+                &ServiceAccount {
+                    metadata: meta(NODE_SA),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("node sa");
+        let node_tokens: Vec<String> = futures::stream::iter(0..args.nodes)
+            .map(|n| async move {
+                let node = format!("node-{n:03}");
+                Api::<Node>::all(client.clone())
+                    .create(
+                        &PostParams::default(),
+                        &Node {
+                            metadata: meta(&node),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .expect("node");
+                let pod =
+                    create_pod(client, SYSTEM_NS, &format!("plugin-{n:03}"), NODE_SA, &node).await;
+                bound_token(client, SYSTEM_NS, NODE_SA, &pod).await
+            })
+            .buffered(c)
+            .collect::<Vec<String>>()
+            .await;
+        // Volume i: on node i / volumes_per_node, of agent i % identities.
+        let total_volumes = args.nodes * args.volumes_per_node;
+        let mut volumes: Vec<(usize, Volume)> = futures::stream::iter(0..total_volumes)
+            .map(|i| async move {
+                let a = i % args.identities;
+                let namespace = agent_ns(args, a);
+                let sa = format!("agent-{a}");
+                let name = format!("pod-{i:05}");
+                let node = format!("node-{:03}", i / args.volumes_per_node);
+                let pod = create_pod(client, &namespace, &name, &sa, &node).await;
+                let token = bound_token(client, &namespace, &sa, &pod).await;
+                let volume = Volume {
+                    ns: namespace,
+                    pod: name,
+                    uid: pod.uid().expect("uid"),
+                    sa,
+                    token,
+                };
+                (i, volume)
+            })
+            // Unordered: one slow pod or token does not hold up the rest.
+            .buffer_unordered(c)
+            .collect()
+            .await;
+        volumes.sort_unstable_by_key(|(i, _)| *i);
+        let volumes: Vec<Volume> = volumes.into_iter().map(|(_, v)| v).collect();
+        (node_tokens, volumes, total_volumes)
+    };
+    let ((), (node_tokens, volumes, total_volumes)) = futures::join!(grants_created, pods_made);
     let objects =
         args.identities * (args.grants_per_identity + 2) + total_volumes * 2 + args.nodes * 3;
     fig(
@@ -701,11 +760,11 @@ async fn main() {
     let cpu_api1 = cpu_seconds(apiserver_pid);
     let ctl_cpu: f64 = replicas.iter().map(|r| cpu_seconds(r.pid)).sum();
     let api1 = api_requests(client).await;
-    let cold_writes: f64 = delta(&api0, &api1)
-        .iter()
+    let cold_by_kind: BTreeMap<String, f64> = delta(&api0, &api1)
+        .into_iter()
         .filter(|(k, _)| !k.starts_with("GET") && !k.starts_with("LIST") && !k.starts_with("WATCH"))
-        .map(|(_, v)| v)
-        .sum();
+        .collect();
+    let cold_writes: f64 = cold_by_kind.values().sum();
     fig(
         &format!("cold: every one of {total_grants} grants Active (s)"),
         format!("{:.1}", cold.as_secs_f64()),
@@ -715,6 +774,47 @@ async fn main() {
         format!(
             "{cold_writes:.0} / {:.1} / {ctl_cpu:.1}",
             cpu_api1 - cpu_api0
+        ),
+    );
+    fig("cold: API writes by kind", by_kind(&cold_by_kind));
+    // What the start still writes after the last grant turned Active
+    // (identity statuses, Events): the start is over only when it stops.
+    let (last_write, settled) = settle(client, QUIET, SETTLE_LIMIT).await;
+    let api_settled = api_requests(client).await;
+    let cpu_api_settled = cpu_seconds(apiserver_pid);
+    let ctl_cpu_settled: f64 = replicas.iter().map(|r| cpu_seconds(r.pid)).sum();
+    let start_writes = object_writes(&delta(&api0, &api_settled));
+    fig(
+        "cold: last write of the start (s after the replicas started)",
+        format!(
+            "{:.1}{}",
+            last_write.duration_since(started).as_secs_f64(),
+            if settled {
+                ""
+            } else {
+                " (still writing: gave up waiting)"
+            }
+        ),
+    );
+    fig(
+        "cold, start to last write: object writes / API server CPU s / both replicas CPU s",
+        format!(
+            "{:.0} / {:.1} / {:.1}",
+            start_writes.values().sum::<f64>(),
+            cpu_api_settled - cpu_api0,
+            ctl_cpu_settled
+        ),
+    );
+    fig(
+        "cold, start to last write: object writes by kind",
+        by_kind(&start_writes),
+    );
+    fig(
+        "cold: API server CPU s per 1,000 grants / per 1,000 object writes",
+        format!(
+            "{:.2} / {:.2}",
+            (cpu_api_settled - cpu_api0) * 1000.0 / total_grants as f64,
+            (cpu_api_settled - cpu_api0) * 1000.0 / start_writes.values().sum::<f64>().max(1.0)
         ),
     );
 
@@ -842,8 +942,23 @@ async fn main() {
         );
     }
 
-    // --- Steady state: nothing happens for a while.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // --- Steady state: nothing happens for a while. The Resolves above
+    // leave resolution counts and Events to flush: the window starts once
+    // nothing has been written for QUIET.
+    let settling = Instant::now();
+    let (_, settled) = settle(client, QUIET, SETTLE_LIMIT).await;
+    fig(
+        "steady state: waited for writes to stop (s)",
+        format!(
+            "{:.1}{}",
+            settling.elapsed().as_secs_f64(),
+            if settled {
+                ""
+            } else {
+                " (never stopped: the window is not idle)"
+            }
+        ),
+    );
     let s0 = api_requests(client).await;
     let cpu_s0 = cpu_seconds(apiserver_pid);
     let ctl_s0: f64 = replicas.iter().map(|r| cpu_seconds(r.pid)).sum();
@@ -865,6 +980,14 @@ async fn main() {
                 .map(|(k, v)| format!("{k} {v:.0}"))
                 .collect::<Vec<_>>()
                 .join(", ")
+        ),
+    );
+    fig(
+        "steady state: CPU s per second, API server / both replicas",
+        format!(
+            "{:.4} / {:.4}",
+            (cpu_s1 - cpu_s0) / secs,
+            (ctl_s1 - ctl_s0) / secs
         ),
     );
     fig(
