@@ -18,7 +18,7 @@ mod proxy_support;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, UPSTREAM_HOSTS, cluster_with_scopehold};
+use common::cluster::{AGENT_IMAGE, Cluster, UPSTREAM_HOSTS, cluster_with_scopehold};
 use common::objects::{create_grant, create_identity, create_secret};
 use common::{create_service_account, wait_for_desc};
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -251,7 +251,62 @@ async fn an_injected_agent_calls_the_api_and_never_holds_the_key() {
     assert!(!env.contains(&value));
     assert!(env.contains("HTTPS_PROXY=http://127.0.0.1:"), "{env}");
 
-    // 5. Rotation: the next request carries the new value.
+    // 5. A pod of the pod author's making that names the proxy grant in a
+    // volume of its own container (no webhook, no sidecar): kubelet's
+    // mount is refused, the container never starts, so never reads it.
+    let thief: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "thief"},
+        "spec": {
+            "serviceAccountName": "bot",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "thief",
+                "image": AGENT_IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c", "cat /values/token; sleep 3600"],
+                "volumeMounts": [{"name": "values", "mountPath": "/values", "readOnly": true}],
+            }],
+            "volumes": [{"name": "values", "csi": {
+                "driver": "csi.scopehold.dev",
+                "readOnly": true,
+                "volumeAttributes": {"grants": "bot-api"},
+            }}],
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &thief).await.unwrap();
+    let refused = Instant::now();
+    loop {
+        let events = c.kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            &ns,
+            "--field-selector",
+            "involvedObject.name=thief",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ]);
+        if events.contains("NotTheProxySidecar") {
+            break;
+        }
+        assert!(
+            refused.elapsed() < WAIT,
+            "no refused mount for the thief pod: {events}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let phase = pods
+        .get("thief")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.phase);
+    assert_eq!(phase.as_deref(), Some("Pending"));
+    let thief_logs = c.kubectl(&["logs", "-n", &ns, "thief"]);
+    assert!(!String::from_utf8_lossy(&thief_logs.stdout).contains(&value));
+
+    // 6. Rotation: the next request carries the new value.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     secrets
         .patch(
@@ -278,7 +333,7 @@ async fn an_injected_agent_calls_the_api_and_never_holds_the_key() {
         rotation.elapsed()
     );
 
-    // 6. Revocation: the sidecar refuses, naming the grant; nothing is sent.
+    // 7. Revocation: the sidecar refuses, naming the grant; nothing is sent.
     grants
         .patch(
             "bot-api",
@@ -312,7 +367,7 @@ async fn an_injected_agent_calls_the_api_and_never_holds_the_key() {
         "a refused request reached the upstream"
     );
 
-    // 7. The sidecar's audit lines name the host, never a value; its usage
+    // 8. The sidecar's audit lines name the host, never a value; its usage
     // reports reached the grant's status.
     let logs = c.kubectl_ok(&["logs", "-n", &ns, "agent", "-c", SIDECAR_NAME]);
     let audit: Vec<serde_json::Value> = logs

@@ -153,6 +153,56 @@ impl Stack {
         )
     }
 
+    /// A pod changed by `proxy::pod::inject` (as the webhook would, with the
+    /// controller's default sidecar settings), then by `edit`, on the node.
+    async fn injected_pod(
+        &self,
+        name: &str,
+        sa: &str,
+        edit: impl FnOnce(&mut k8s_openapi::api::core::v1::Pod),
+    ) -> (PodInfo, String) {
+        use kube::api::{ListParams, PostParams};
+        use scopehold::proxy::{pod, render};
+        let identities =
+            Api::<scopehold::api::AgentIdentity>::namespaced(self.client.clone(), &self.ns)
+                .list(&ListParams::default())
+                .await
+                .unwrap();
+        let grants = Api::<SecretGrant>::namespaced(self.client.clone(), &self.ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap();
+        let rules = render::rules_for(&self.ns, sa, &identities.items, &grants.items).unwrap();
+        let bare: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "annotations": {pod::INJECT_ANNOTATION: "proxy"}},
+            "spec": {
+                "serviceAccountName": sa,
+                "nodeName": self.node,
+                "containers": [{"name": "agent", "image": "busybox"}],
+            }
+        }))
+        .unwrap();
+        let mut injected = pod::inject(&bare, &rules, &pod::SidecarSettings::default()).unwrap();
+        edit(&mut injected);
+        let created =
+            Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.client.clone(), &self.ns)
+                .create(&PostParams::default(), &injected)
+                .await
+                .unwrap();
+        let uid = created.uid().unwrap();
+        let token = pod_token(&self.client, &self.ns, sa, name, &uid, AUDIENCE, 3600).await;
+        (
+            PodInfo {
+                namespace: self.ns.clone(),
+                name: name.into(),
+                uid,
+                service_account: sa.into(),
+                fs_group: None,
+            },
+            token,
+        )
+    }
+
     async fn publish(
         &self,
         pod: &PodInfo,
@@ -591,7 +641,23 @@ async fn a_proxy_grant_reaches_only_a_volume_that_names_it() {
         "the proxy grant's value reached a plain volume"
     );
 
-    let (sidecar, token) = s.pod("sidecar", "bot-sa", &s.node.clone(), None).await;
+    // A volume naming the proxy grant in a pod without ScopeHold's sidecar
+    // (anyone who may create pods for the agent's ServiceAccount can write
+    // one): refused, nothing mounted.
+    let (plain_pod, token) = s.pod("look-alike", "bot-sa", &s.node.clone(), None).await;
+    let refused = s
+        .publish(&plain_pod, &token, &[("grants", "openai")])
+        .await
+        .expect_err("a pod without the sidecar got the proxy grant");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused.message().contains("NotTheProxySidecar"),
+        "{refused:?}"
+    );
+
+    // The injected pod (the webhook's and `kubectl scopehold inject`'s
+    // rendering, with the controller's default settings) gets it.
+    let (sidecar, token) = s.injected_pod("sidecar", "bot-sa", |_| {}).await;
     let named = s
         .publish(&sidecar, &token, &[("grants", "openai")])
         .await
@@ -601,4 +667,24 @@ async fn a_proxy_grant_reaches_only_a_volume_that_names_it() {
         std::fs::read(named.join("api-key")).unwrap(),
         b"proxy-only-value"
     );
+
+    // The same pod with the agent container also mounting the values.
+    let (sneaky, token) = s
+        .injected_pod("sneaky", "bot-sa", |pod| {
+            let spec = pod.spec.as_mut().unwrap();
+            spec.containers[0]
+                .volume_mounts
+                .get_or_insert_with(Vec::new)
+                .push(k8s_openapi::api::core::v1::VolumeMount {
+                    name: scopehold::proxy::pod::VALUES_VOLUME.into(),
+                    mount_path: "/mine".into(),
+                    ..Default::default()
+                });
+        })
+        .await;
+    let refused = s
+        .publish(&sneaky, &token, &[("grants", "openai")])
+        .await
+        .expect_err("the agent container mounted the values");
+    assert!(refused.message().contains("\"agent\""), "{refused:?}");
 }

@@ -525,29 +525,36 @@ async fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         "content digests are keyed"
     );
     let (caches, writers) = scopehold::caches::new(digest_key);
+    let sidecar = sidecar_settings(&args.webhook, &args.custody, &client).await?;
     let mut flush_on_exit = None;
     if let (Some(addr), Some((events, custody_metrics))) = (args.custody_listen, custody_parts) {
         let resolutions = serve_custody(
-            addr,
-            args.listen_reuse_port,
+            Listen {
+                addr,
+                reuse_port: args.listen_reuse_port,
+            },
             &args.custody,
             client.clone(),
             caches.clone(),
             events.clone(),
             custody_metrics,
+            sidecar.clone(),
         )
         .await?;
         flush_on_exit = Some((events, resolutions));
     }
     if let Some(addr) = args.webhook.webhook_listen {
         serve_webhook(
-            addr,
-            args.listen_reuse_port,
+            Listen {
+                addr,
+                reuse_port: args.listen_reuse_port,
+            },
             &args.webhook,
             &args.custody,
             client.clone(),
             caches.clone(),
             args.instance.clone(),
+            sidecar,
         )
         .await?;
     }
@@ -646,14 +653,21 @@ fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<tokio::net::T
 
 /// Binds the custody listener and serves it in the background; returns the
 /// resolution log, for the final flush.
-async fn serve_custody(
+/// Where a server listens; `reuse_port` lets the replicas on one host
+/// network share the port.
+struct Listen {
     addr: SocketAddr,
     reuse_port: bool,
+}
+
+async fn serve_custody(
+    listen: Listen,
     args: &CustodyArgs,
     client: kube::Client,
     caches: scopehold::caches::Caches,
     events: EventSink,
     metrics: Arc<CustodyMetrics>,
+    sidecar: scopehold::proxy::pod::SidecarSettings,
 ) -> Result<Arc<ResolutionLog>, CliError> {
     let tls = if args.custody_plaintext {
         tracing::warn!("custody serves plaintext (--custody-plaintext): development only");
@@ -667,9 +681,11 @@ async fn serve_custody(
             tonic::transport::Identity::from_pem(material.cert_pem, material.key_pem),
         ))
     };
-    let listener =
-        bind_tcp(addr, reuse_port).map_err(|source| CliError::Listen { addr, source })?;
-    let bound = listener.local_addr().unwrap_or(addr);
+    let listener = bind_tcp(listen.addr, listen.reuse_port).map_err(|source| CliError::Listen {
+        addr: listen.addr,
+        source,
+    })?;
+    let bound = listener.local_addr().unwrap_or(listen.addr);
     tracing::info!(custody_addr = %bound, tls = tls.is_some(), "custody serving");
     let resolutions = Arc::new(ResolutionLog::default());
     let flush_every = std::time::Duration::from_millis(args.status_flush_ms.max(100));
@@ -692,7 +708,8 @@ async fn serve_custody(
     )
     .with_decision_timeout(std::time::Duration::from_millis(
         args.custody_decision_timeout_ms.max(100),
-    ));
+    ))
+    .with_sidecar(sidecar);
     // TCP_NODELAY: without it Nagle's algorithm held ~1.4% of Resolve replies
     // for ~40 ms (BENCHMARKS.md, NodePublishVolume end to end).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -740,6 +757,38 @@ fn custody_tls_settings(args: &CustodyArgs) -> TlsSettings {
     }
 }
 
+/// How the proxy sidecar is rendered: by the webhook, and by custody when it
+/// checks a pod's sidecar before handing out proxy grants.
+async fn sidecar_settings(
+    webhook: &WebhookArgs,
+    custody: &CustodyArgs,
+    client: &kube::Client,
+) -> Result<scopehold::proxy::pod::SidecarSettings, CliError> {
+    let upstream_ca_pem = webhook
+        .proxy_upstream_ca_file
+        .as_ref()
+        .map(|path| read_ca_file(path))
+        .transpose()?;
+    let usage = match &webhook.proxy_usage_url {
+        Some(url) if !custody.custody_plaintext => {
+            let material = tls::ensure(client, &custody_tls_settings(custody))
+                .await
+                .map_err(CliError::Tls)?;
+            Some(scopehold::proxy::pod::UsageTarget {
+                url: url.clone(),
+                ca_pem: material.ca_pem,
+            })
+        }
+        _ => None,
+    };
+    Ok(scopehold::proxy::pod::SidecarSettings {
+        image: webhook.proxy_image.clone(),
+        port: webhook.proxy_port,
+        usage,
+        upstream_ca_pem,
+    })
+}
+
 /// A PEM CA bundle, checked to hold certificates (a bad file stops the
 /// start, not every injected sidecar later).
 fn read_ca_file(path: &std::path::Path) -> Result<String, CliError> {
@@ -755,26 +804,23 @@ fn read_ca_file(path: &std::path::Path) -> Result<String, CliError> {
 /// Binds the admission webhook and serves it in the background; keeps the
 /// webhook configuration's CA bundle current when one is named.
 async fn serve_webhook(
-    addr: SocketAddr,
-    reuse_port: bool,
+    listen: Listen,
     args: &WebhookArgs,
     custody: &CustodyArgs,
     client: kube::Client,
     caches: scopehold::caches::Caches,
     instance: Option<String>,
+    sidecar: scopehold::proxy::pod::SidecarSettings,
 ) -> Result<(), CliError> {
-    let upstream_ca_pem = args
-        .proxy_upstream_ca_file
-        .as_ref()
-        .map(|path| read_ca_file(path))
-        .transpose()?;
     let material = tls::ensure(&client, &custody_tls_settings(custody))
         .await
         .map_err(CliError::Tls)?;
     let config = scopehold::webhook::tls_config(&material.cert_pem, &material.key_pem)?;
-    let listener =
-        bind_tcp(addr, reuse_port).map_err(|source| CliError::Listen { addr, source })?;
-    let bound = listener.local_addr().unwrap_or(addr);
+    let listener = bind_tcp(listen.addr, listen.reuse_port).map_err(|source| CliError::Listen {
+        addr: listen.addr,
+        source,
+    })?;
+    let bound = listener.local_addr().unwrap_or(listen.addr);
     tracing::info!(webhook_addr = %bound, "admission webhook serving");
     if let Some(name) = args.webhook_configuration.clone() {
         tokio::spawn(scopehold::webhook::ca_bundle::keep(
@@ -810,18 +856,7 @@ async fn serve_webhook(
     };
     let webhook = Arc::new(scopehold::webhook::Webhook {
         caches,
-        sidecar: scopehold::proxy::pod::SidecarSettings {
-            image: args.proxy_image.clone(),
-            port: args.proxy_port,
-            usage: args
-                .proxy_usage_url
-                .clone()
-                .map(|url| scopehold::proxy::pod::UsageTarget {
-                    url,
-                    ca_pem: material.ca_pem.clone(),
-                }),
-            upstream_ca_pem,
-        },
+        sidecar,
         usage: Some(Arc::new(intake)),
     });
     tokio::spawn(async move {

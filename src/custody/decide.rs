@@ -30,6 +30,8 @@ pub enum DenyReason {
     AgentSuspended,
     GrantNotHeld,
     NoActiveGrants,
+    /// Proxy grants asked for by a pod whose sidecar is not ScopeHold's.
+    NotTheProxySidecar,
 }
 
 impl DenyReason {
@@ -44,6 +46,7 @@ impl DenyReason {
             DenyReason::AgentSuspended => "AgentSuspended",
             DenyReason::GrantNotHeld => "GrantNotHeld",
             DenyReason::NoActiveGrants => "NoActiveGrants",
+            DenyReason::NotTheProxySidecar => "NotTheProxySidecar",
         }
     }
 }

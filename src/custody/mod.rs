@@ -9,6 +9,7 @@ pub mod digest_key;
 pub mod fanout;
 pub mod invalidations;
 pub mod metrics;
+pub mod proxy_pod;
 pub mod resolutions;
 pub mod server;
 pub mod tls;

@@ -19,16 +19,19 @@ use super::delivered::Delivered;
 use super::fanout::NodeFanout;
 use super::invalidations::{self, InvalidationStream};
 use super::metrics::{CallerLabel, Counted, CustodyMetrics};
+use super::proxy_pod;
 use super::resolutions::ResolutionLog;
 use super::token_review::{self, ReviewError, TokenClaims};
 use crate::api::grant::Resolution;
 use crate::api::validation::{is_dns1123_label, is_dns1123_subdomain};
-use crate::api::{AgentIdentity, SecretGrant, TOKEN_AUDIENCE};
+use crate::api::{AgentIdentity, DeliveryMode, SecretGrant, TOKEN_AUDIENCE};
 use crate::audit::{AuditRecord, Decision};
 use crate::caches::Caches;
 use crate::event_series::{EventSink, Occurrence};
 use crate::policy::evaluate::{AgentState, GrantEvaluation, SecretState, evaluate_grant};
 use crate::proto::scopehold::v1 as pb;
+use crate::proxy::pod::SidecarSettings;
+use crate::proxy::rules::GrantRules;
 use crate::secrets::SecretBytes;
 
 /// The ServiceAccount the node plugins run as; only it may call custody.
@@ -71,6 +74,9 @@ pub struct CustodyService {
     /// Routes invalidations to the nodes they concern; started with the
     /// first stream (inside the runtime).
     fanout: std::sync::OnceLock<NodeFanout>,
+    /// How this controller's webhook injects the proxy sidecar: proxy
+    /// grants go only to a sidecar exactly like it.
+    sidecar: SidecarSettings,
 }
 
 /// Default of [`CustodyService::with_decision_timeout`].
@@ -97,7 +103,15 @@ impl CustodyService {
             decision_timeout: DEFAULT_DECISION_TIMEOUT,
             delivered: Delivered::default(),
             fanout: std::sync::OnceLock::new(),
+            sidecar: SidecarSettings::default(),
         }
+    }
+
+    /// The settings the webhook and `kubectl scopehold inject` render the
+    /// proxy sidecar with (image, port, usage target, upstream CA).
+    pub fn with_sidecar(mut self, sidecar: SidecarSettings) -> Self {
+        self.sidecar = sidecar;
+        self
     }
 
     /// How long a Resolve may wait on the API server (token reviews, reads)
@@ -237,6 +251,14 @@ impl CustodyService {
     }
 
     /// [`Self::resolve_inner`] once the pod token is verified.
+    async fn read_pod(&self, req: &pb::ResolveRequest) -> Result<Option<Pod>, Refusal> {
+        self.metrics.pod_reads.inc();
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &req.pod_namespace);
+        pods.get_opt(&req.pod_name)
+            .await
+            .map_err(|e| Refusal::Unavailable(format!("reading the pod: {e}")))
+    }
+
     async fn resolve_verified(
         &self,
         req: &pb::ResolveRequest,
@@ -257,14 +279,11 @@ impl CustodyService {
         // pod of another ServiceAccount. Only a token without node claims
         // (older clusters, or a pod bound before its Node existed) needs the
         // Pod object to learn the node.
+        let mut pod_read = None;
         if claims.node_name.is_none() {
-            self.metrics.pod_reads.inc();
-            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &req.pod_namespace);
-            let pod = pods
-                .get_opt(&req.pod_name)
-                .await
-                .map_err(|e| Refusal::Unavailable(format!("reading the pod: {e}")))?;
-            check_pod_object(claims, pod, node)?;
+            let pod = self.read_pod(req).await?;
+            check_pod_object(claims, pod.as_ref(), node)?;
+            pod_read = Some(pod);
         }
 
         // Before the stores are read: the answer is at least this new.
@@ -304,6 +323,37 @@ impl CustodyService {
         }
         let chosen = decide::select_grants(evaluated, &req.grants, &agent)
             .map_err(|d| Refusal::DeniedFor(d, Some(identity.clone())))?;
+        // Proxy grants cost a Pod read: they go only to ScopeHold's sidecar.
+        let proxied: Vec<&SecretGrant> = chosen
+            .iter()
+            .map(|(g, _)| g.as_ref())
+            .filter(|g| g.spec.delivery == DeliveryMode::Proxy)
+            .collect();
+        if !proxied.is_empty() {
+            let pod = match pod_read {
+                Some(pod) => pod,
+                None => self.read_pod(req).await?,
+            };
+            check_pod_object(claims, pod.as_ref(), node)?;
+            let names: Vec<String> = proxied.iter().map(|g| g.name_any()).collect();
+            let current: Vec<GrantRules> = proxied.iter().map(|g| GrantRules::of(g)).collect();
+            if let Some(pod) = &pod {
+                proxy_pod::check(
+                    pod,
+                    &names,
+                    &current,
+                    &claims.namespace,
+                    &agent,
+                    &self.sidecar,
+                )
+                .map_err(|e| {
+                    Refusal::DeniedFor(
+                        Denial::new(DenyReason::NotTheProxySidecar, e.to_string()),
+                        Some(identity.clone()),
+                    )
+                })?;
+            }
+        }
 
         let mut response = pb::ResolveResponse {
             agent: agent.clone(),
@@ -902,7 +952,7 @@ fn denial_status(denial: &Denial) -> Status {
 /// The token review is cached by the API server for a few seconds, so a
 /// deleted pod's token still passes; the Pod object itself must exist with
 /// the same UID, ServiceAccount and node.
-fn check_pod_object(claims: &TokenClaims, pod: Option<Pod>, node: &str) -> Result<(), Refusal> {
+fn check_pod_object(claims: &TokenClaims, pod: Option<&Pod>, node: &str) -> Result<(), Refusal> {
     let name = claims.pod_name.as_deref().unwrap_or_default();
     let pod = pod.ok_or_else(|| {
         Refusal::denied(
@@ -916,7 +966,7 @@ fn check_pod_object(claims: &TokenClaims, pod: Option<Pod>, node: &str) -> Resul
             format!("pod {name:?} was replaced (UID differs)"),
         ));
     }
-    let spec = pod.spec.unwrap_or_default();
+    let spec = pod.spec.clone().unwrap_or_default();
     let pod_node = spec.node_name.unwrap_or_default();
     if pod_node != node {
         return Err(Refusal::denied(

@@ -188,17 +188,46 @@ pub fn inject(
             ..Default::default()
         });
     }
+    let sidecar = sidecar_container(&rules_json, settings);
+    init.insert(0, sidecar);
+    let agent_env = agent_env(settings);
+    let agents = spec
+        .containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut().flatten().skip(1));
+    for c in agents {
+        let envs = c.env.get_or_insert_with(Vec::new);
+        for (name, value) in &agent_env {
+            // The pod's own setting is replaced: a proxy variable pointing
+            // elsewhere would bypass injection (and the allow-list).
+            envs.retain(|e| e.name != *name);
+            envs.push(plain_env(name, value));
+        }
+        c.volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(VolumeMount {
+                name: AGENT_VOLUME.into(),
+                mount_path: AGENT_MOUNT.into(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+    }
+    pod.metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(INJECTED_ANNOTATION.into(), "proxy".into());
+    Ok(pod)
+}
+
+/// The sidecar container as `inject` adds it; custody compares a pod's
+/// sidecar with this before it hands out proxy grants.
+pub fn sidecar_container(rules_json: &str, settings: &SidecarSettings) -> Container {
     let listen = format!("127.0.0.1:{}", settings.port);
-    let env = |name: &str, value: &str| EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    };
     let mut sidecar_env = vec![
-        env("SCOPEHOLD_PROXY_RULES", &rules_json),
-        env("SCOPEHOLD_PROXY_LISTEN", &listen),
-        env("SCOPEHOLD_PROXY_VALUES_DIR", SIDECAR_VALUES),
-        env("SCOPEHOLD_PROXY_AGENT_DIR", SIDECAR_AGENT),
+        plain_env("SCOPEHOLD_PROXY_RULES", rules_json),
+        plain_env("SCOPEHOLD_PROXY_LISTEN", &listen),
+        plain_env("SCOPEHOLD_PROXY_VALUES_DIR", SIDECAR_VALUES),
+        plain_env("SCOPEHOLD_PROXY_AGENT_DIR", SIDECAR_AGENT),
         EnvVar {
             name: "POD_NAME".into(),
             value_from: Some(EnvVarSource {
@@ -225,12 +254,12 @@ pub fn inject(
         },
     ];
     if let Some(pem) = &settings.upstream_ca_pem {
-        sidecar_env.push(env("SCOPEHOLD_PROXY_UPSTREAM_CA_PEM", pem));
+        sidecar_env.push(plain_env("SCOPEHOLD_PROXY_UPSTREAM_CA_PEM", pem));
     }
     if let Some(usage) = &settings.usage {
-        sidecar_env.push(env("SCOPEHOLD_PROXY_USAGE_URL", &usage.url));
-        sidecar_env.push(env("SCOPEHOLD_PROXY_USAGE_CA", &usage.ca_pem));
-        sidecar_env.push(env(
+        sidecar_env.push(plain_env("SCOPEHOLD_PROXY_USAGE_URL", &usage.url));
+        sidecar_env.push(plain_env("SCOPEHOLD_PROXY_USAGE_CA", &usage.ca_pem));
+        sidecar_env.push(plain_env(
             "SCOPEHOLD_PROXY_TOKEN_FILE",
             &format!("{TOKEN_MOUNT}/token"),
         ));
@@ -241,7 +270,7 @@ pub fn inject(
             ..Default::default()
         });
     }
-    let sidecar = Container {
+    Container {
         name: SIDECAR_NAME.into(),
         image: Some(settings.image.clone()),
         args: Some(vec!["proxy".into()]),
@@ -279,35 +308,15 @@ pub fn inject(
             ..Default::default()
         }),
         ..Default::default()
-    };
-    init.insert(0, sidecar);
-    let agent_env = agent_env(settings);
-    let agents = spec
-        .containers
-        .iter_mut()
-        .chain(spec.init_containers.iter_mut().flatten().skip(1));
-    for c in agents {
-        let envs = c.env.get_or_insert_with(Vec::new);
-        for (name, value) in &agent_env {
-            // The pod's own setting is replaced: a proxy variable pointing
-            // elsewhere would bypass injection (and the allow-list).
-            envs.retain(|e| e.name != *name);
-            envs.push(env(name, value));
-        }
-        c.volume_mounts
-            .get_or_insert_with(Vec::new)
-            .push(VolumeMount {
-                name: AGENT_VOLUME.into(),
-                mount_path: AGENT_MOUNT.into(),
-                read_only: Some(true),
-                ..Default::default()
-            });
     }
-    pod.metadata
-        .annotations
-        .get_or_insert_with(BTreeMap::new)
-        .insert(INJECTED_ANNOTATION.into(), "proxy".into());
-    Ok(pod)
+}
+
+fn plain_env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
 }
 
 /// The proxy and CA variables of the agent containers.

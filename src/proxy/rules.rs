@@ -31,6 +31,28 @@ pub struct GrantRules {
     pub keys: Vec<KeyRules>,
 }
 
+impl GrantRules {
+    /// What the sidecar does with one grant's keys, from the grant's spec.
+    pub fn of(g: &SecretGrant) -> Self {
+        GrantRules {
+            grant: g.name_any(),
+            secret: g.spec.secret_name.clone(),
+            keys: g
+                .spec
+                .keys
+                .iter()
+                .filter_map(|k| {
+                    Some(KeyRules {
+                        key: k.key.clone(),
+                        file: k.file_name().to_owned(),
+                        proxy: k.proxy.clone()?,
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyRules {
@@ -80,22 +102,7 @@ impl ProxyRules {
             // Only grants that resolve now: the sidecar's volume names
             // them, and custody refuses a volume naming an inactive grant.
             .filter(|g| !g.spec.revoked && g.phase() == Some(GrantPhase::Active))
-            .map(|g| GrantRules {
-                grant: g.name_any(),
-                secret: g.spec.secret_name.clone(),
-                keys: g
-                    .spec
-                    .keys
-                    .iter()
-                    .filter_map(|k| {
-                        Some(KeyRules {
-                            key: k.key.clone(),
-                            file: k.file_name().to_owned(),
-                            proxy: k.proxy.clone()?,
-                        })
-                    })
-                    .collect(),
-            })
+            .map(GrantRules::of)
             .collect();
         out.sort_by(|a, b| a.grant.cmp(&b.grant));
         let rules = ProxyRules {
