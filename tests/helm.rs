@@ -462,8 +462,10 @@ fn defaults_render_the_expected_objects() {
         ("DaemonSet", 1),
         ("PodDisruptionBudget", 1),
         ("CSIDriver", 1),
-        // the proxy-sidecar admission webhook
+        // the proxy-sidecar admission webhook, and the guard of injected pods
         ("MutatingWebhookConfiguration", 1),
+        ("ValidatingAdmissionPolicy", 1),
+        ("ValidatingAdmissionPolicyBinding", 1),
     ]
     .into_iter()
     .map(|(k, n)| (k.to_string(), n))
@@ -478,6 +480,8 @@ fn defaults_render_the_expected_objects() {
             "ClusterRoleBinding",
             "CSIDriver",
             "MutatingWebhookConfiguration",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ]
         .contains(&kind)
         {
@@ -1136,6 +1140,7 @@ fn proxy_injector_is_registered_fail_closed_for_annotated_pods_only() {
     ] {
         let r = render(sets);
         assert!(r.all("MutatingWebhookConfiguration").is_empty(), "{sets:?}");
+        assert!(r.all("ValidatingAdmissionPolicy").is_empty(), "{sets:?}");
         let args = strings(&container(r.one("Deployment"), "controller")["args"]);
         assert!(!args.contains(&"--webhook-listen".to_string()), "{sets:?}");
     }
@@ -2332,4 +2337,109 @@ impl Drop for Running {
             );
         }
     }
+}
+
+/// The installed release's guard on injected pods (a ValidatingAdmissionPolicy
+/// from proxy-injector.yaml): the sidecar, the annotation and the values stay
+/// out of reach of pod updates and debug containers; everything else of the
+/// pod, and pods without the sidecar, stay as updatable as ever. Dry runs:
+/// admission runs, nothing changes.
+#[tokio::test]
+async fn an_injected_pods_sidecar_cannot_be_changed_or_debugged() {
+    installed().await;
+    let client = common::client().await;
+    let ns = common::test_namespace(&client, "sidecar-guard").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = |name: &str, injected: bool| -> Pod {
+        let annotations = if injected {
+            json!({"scopehold.dev/injected": "proxy"})
+        } else {
+            json!({})
+        };
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {
+                "automountServiceAccountToken": false,
+                "initContainers": [{
+                    "name": "scopehold-proxy", "image": "registry.test/scopehold:1",
+                    "restartPolicy": "Always",
+                    "volumeMounts": [{"name": "scopehold-proxy-values", "mountPath": "/v"}],
+                }],
+                "containers": [{"name": "agent", "image": "registry.test/agent:1"}],
+                "volumes": [{"name": "scopehold-proxy-values", "emptyDir": {}}],
+            }
+        }))
+        .unwrap()
+    };
+    for (name, injected) in [("guarded", true), ("plain", false)] {
+        pods.create(&PostParams::default(), &pod(name, injected))
+            .await
+            .unwrap();
+    }
+    let dry = PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let json_patch = |ops: Value| Patch::Json::<()>(serde_json::from_value(ops).unwrap());
+    let sidecar_image =
+        json!([{"op": "replace", "path": "/spec/initContainers/0/image", "value": "busybox"}]);
+    // The policy takes a moment to be in force after the install.
+    let refusal = common::wait_for_desc(
+        "the guard in force",
+        std::time::Duration::from_secs(30),
+        async || match pods
+            .patch("guarded", &dry, &json_patch(sidecar_image.clone()))
+            .await
+        {
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        },
+    )
+    .await;
+    assert!(
+        refusal.contains("sidecar of an injected pod cannot be changed"),
+        "{refusal}"
+    );
+
+    let agent_image = json!([{"op": "replace", "path": "/spec/containers/0/image", "value": "registry.test/agent:2"}]);
+    pods.patch("guarded", &dry, &json_patch(agent_image))
+        .await
+        .expect("the agent's own container stays updatable");
+    let drop_annotation =
+        json!([{"op": "remove", "path": "/metadata/annotations/scopehold.dev~1injected"}]);
+    let err = pods
+        .patch("guarded", &dry, &json_patch(drop_annotation))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("annotation"), "{err}");
+
+    let debug = |target: Option<&str>, mount: bool| {
+        let mut container = json!({"name": "debug", "image": "busybox"});
+        if let Some(target) = target {
+            container["targetContainerName"] = json!(target);
+        }
+        if mount {
+            container["volumeMounts"] =
+                json!([{"name": "scopehold-proxy-values", "mountPath": "/x"}]);
+        }
+        Patch::Strategic(json!({"spec": {"ephemeralContainers": [container]}}))
+    };
+    for (target, mount) in [(Some("scopehold-proxy"), false), (None, true)] {
+        let err = pods
+            .patch_ephemeral_containers("guarded", &dry, &debug(target, mount))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("ephemeral container"), "{err}");
+    }
+    pods.patch_ephemeral_containers("guarded", &dry, &debug(Some("agent"), false))
+        .await
+        .expect("debugging the agent's container stays possible");
+
+    // A pod without the sidecar is not the guard's business.
+    pods.patch("plain", &dry, &json_patch(sidecar_image))
+        .await
+        .expect("pods without the annotation are not guarded");
+    pods.patch_ephemeral_containers("plain", &dry, &debug(Some("scopehold-proxy"), true))
+        .await
+        .expect("pods without the annotation are not guarded");
 }

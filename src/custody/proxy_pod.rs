@@ -34,7 +34,7 @@ pub enum ProxyPodError {
     #[error("no csi.scopehold.dev volume of the pod names the proxy grants {0:?}")]
     NoValuesVolume(Vec<String>),
     #[error(
-        "container {0:?} mounts the volume of proxy grants; only the injected {SIDECAR_NAME:?} sidecar may"
+        "container {0:?} mounts the volume of proxy grants or targets the sidecar; only the injected {SIDECAR_NAME:?} sidecar may mount it"
     )]
     MountedByOther(String),
     #[error("no container mounts the volume of proxy grants")]
@@ -106,7 +106,9 @@ pub fn check(
         }
     }
     for c in spec.ephemeral_containers.iter().flatten() {
-        if mounts(&c.volume_mounts) {
+        // A debug container targeting the sidecar shares its process
+        // namespace: /proc/<pid>/root reaches the values.
+        if mounts(&c.volume_mounts) || c.target_container_name.as_deref() == Some(SIDECAR_NAME) {
             return Err(ProxyPodError::MountedByOther(c.name.clone()));
         }
     }
@@ -353,6 +355,16 @@ mod tests {
                 mount_path: "/x".into(),
                 ..Default::default()
             }]),
+            ..Default::default()
+        }]);
+        assert_eq!(
+            run(&pod, &grant(&["api.openai.com"])),
+            Err(ProxyPodError::MountedByOther("debugger".into()))
+        );
+        let mut pod = injected();
+        pod.spec.as_mut().unwrap().ephemeral_containers = Some(vec![EphemeralContainer {
+            name: "debugger".into(),
+            target_container_name: Some(SIDECAR_NAME.into()),
             ..Default::default()
         }]);
         assert_eq!(
