@@ -86,13 +86,10 @@ if [[ ! -f $pause_tar ]]; then
 fi
 echo "$pause_ref $pause_tar"
 
-# --- busybox agent image --------------------------------------------------------
-busybox_ref=scopehold.local/busybox:static
-key=$({ sha256sum /bin/busybox hack/image.sh; } | sha256sum | cut -c1-16)
-busybox_tar=$(archive_path busybox "$key")
-if [[ ! -f $busybox_tar ]]; then
-  log "building $busybox_ref"
-  root="$work/busybox"
+# busybox_root <dir>: busybox with every applet linked in <dir>/bin, root and
+# nobody in passwd/group, a sticky /tmp (the agent images' common root).
+busybox_root() {
+  local root=$1
   mkdir -p "$root/bin" "$root/tmp" "$root/etc"
   chmod 1777 "$root/tmp"
   cp /bin/busybox "$root/bin/busybox"
@@ -101,6 +98,16 @@ if [[ ! -f $busybox_tar ]]; then
   done
   printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
   printf 'root:x:0:\nnobody:x:65534:\n' >"$root/etc/group"
+}
+
+# --- busybox agent image --------------------------------------------------------
+busybox_ref=scopehold.local/busybox:static
+key=$({ sha256sum /bin/busybox hack/image.sh; } | sha256sum | cut -c1-16)
+busybox_tar=$(archive_path busybox "$key")
+if [[ ! -f $busybox_tar ]]; then
+  log "building $busybox_ref"
+  root="$work/busybox"
+  busybox_root "$root"
   pack "$busybox_ref" "$root" "$busybox_tar" --config.cmd /bin/sh --config.env PATH=/bin
 fi
 echo "$busybox_ref $busybox_tar"
@@ -115,14 +122,8 @@ curl_tar=$(archive_path curl "$key")
 if [[ ! -f $curl_tar ]]; then
   log "building $curl_ref (${#curl_libs[@]} libraries)"
   root="$work/curl"
-  mkdir -p "$root/bin" "$root/tmp" "$root/etc" "$root/usr/bin"
-  chmod 1777 "$root/tmp"
-  cp /bin/busybox "$root/bin/busybox"
-  for applet in $(/bin/busybox --list); do
-    [[ $applet == busybox ]] || ln -s busybox "$root/bin/$applet"
-  done
-  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
-  printf 'root:x:0:\nnobody:x:65534:\n' >"$root/etc/group"
+  busybox_root "$root"
+  mkdir -p "$root/usr/bin"
   echo 'hosts: files dns' >"$root/etc/nsswitch.conf"
   cp "$curl_bin" "$root/usr/bin/curl"
   for lib in "${curl_libs[@]}"; do

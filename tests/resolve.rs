@@ -139,14 +139,30 @@ impl Stack {
         fs_group: Option<i64>,
     ) -> (PodInfo, String) {
         let pod = create_pod(&self.client, &self.ns, name, sa, node).await;
-        let uid = pod.uid().unwrap();
-        let token = pod_token(&self.client, &self.ns, sa, name, &uid, AUDIENCE, 3600).await;
+        self.as_kubelet_sees(&pod, fs_group).await
+    }
+
+    /// A created pod as kubelet would present it, with its bound token.
+    async fn as_kubelet_sees(
+        &self,
+        pod: &k8s_openapi::api::core::v1::Pod,
+        fs_group: Option<i64>,
+    ) -> (PodInfo, String) {
+        let (name, uid) = (pod.name_any(), pod.uid().unwrap());
+        let sa = pod
+            .spec
+            .as_ref()
+            .unwrap()
+            .service_account_name
+            .clone()
+            .unwrap();
+        let token = pod_token(&self.client, &self.ns, &sa, &name, &uid, AUDIENCE, 3600).await;
         (
             PodInfo {
                 namespace: self.ns.clone(),
-                name: name.into(),
+                name,
                 uid,
-                service_account: sa.into(),
+                service_account: sa,
                 fs_group,
             },
             token,
@@ -189,18 +205,7 @@ impl Stack {
                 .create(&PostParams::default(), &injected)
                 .await
                 .unwrap();
-        let uid = created.uid().unwrap();
-        let token = pod_token(&self.client, &self.ns, sa, name, &uid, AUDIENCE, 3600).await;
-        (
-            PodInfo {
-                namespace: self.ns.clone(),
-                name: name.into(),
-                uid,
-                service_account: sa.into(),
-                fs_group: None,
-            },
-            token,
-        )
+        self.as_kubelet_sees(&created, None).await
     }
 
     async fn publish(

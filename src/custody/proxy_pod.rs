@@ -346,9 +346,8 @@ mod tests {
     }
 
     #[test]
-    fn an_ephemeral_container_mounting_the_values_is_refused() {
-        let mut pod = injected();
-        pod.spec.as_mut().unwrap().ephemeral_containers = Some(vec![EphemeralContainer {
+    fn an_ephemeral_container_mounting_the_values_or_targeting_the_sidecar_is_refused() {
+        let mounting = EphemeralContainer {
             name: "debugger".into(),
             volume_mounts: Some(vec![VolumeMount {
                 name: VALUES_VOLUME.into(),
@@ -356,21 +355,20 @@ mod tests {
                 ..Default::default()
             }]),
             ..Default::default()
-        }]);
-        assert_eq!(
-            run(&pod, &grant(&["api.openai.com"])),
-            Err(ProxyPodError::MountedByOther("debugger".into()))
-        );
-        let mut pod = injected();
-        pod.spec.as_mut().unwrap().ephemeral_containers = Some(vec![EphemeralContainer {
+        };
+        let targeting = EphemeralContainer {
             name: "debugger".into(),
             target_container_name: Some(SIDECAR_NAME.into()),
             ..Default::default()
-        }]);
-        assert_eq!(
-            run(&pod, &grant(&["api.openai.com"])),
-            Err(ProxyPodError::MountedByOther("debugger".into()))
-        );
+        };
+        for debugger in [mounting, targeting] {
+            let mut pod = injected();
+            pod.spec.as_mut().unwrap().ephemeral_containers = Some(vec![debugger]);
+            assert_eq!(
+                run(&pod, &grant(&["api.openai.com"])),
+                Err(ProxyPodError::MountedByOther("debugger".into()))
+            );
+        }
     }
 
     #[test]
