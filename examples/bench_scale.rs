@@ -932,6 +932,7 @@ async fn main() {
         format!("{:.2}", streams_up.elapsed().as_secs_f64()),
     );
     let resolving = Instant::now();
+    let api_resolving = api_requests(client).await;
     let cpu_api2 = cpu_seconds(apiserver_pid);
     let results: Vec<Result<(), String>> = futures::stream::iter(
         stand_ins
@@ -989,6 +990,11 @@ async fn main() {
     // nothing has been written for QUIET.
     let settling = Instant::now();
     let (_, settled) = settle(client, QUIET, SETTLE_LIMIT).await;
+    let after_resolves = object_writes(&delta(&api_resolving, &api_requests(client).await));
+    fig(
+        "Resolves, from the first until writes stopped: object writes by kind",
+        by_kind(&after_resolves),
+    );
     fig(
         "steady state: waited for writes to stop (s)",
         format!(
