@@ -681,6 +681,10 @@ async fn no_secret_value_in_logs_events_or_status() {
     f.await_grant("g", GrantPhase::Expired, "Expired").await;
     f.await_grant("missing", GrantPhase::Invalid, "KeyNotFound")
         .await;
+    // Events are written in the background: the last transitions' Events
+    // must be in what is searched.
+    f.await_event("g", "GrantExpired").await;
+    f.await_event("missing", "GrantInvalid").await;
 
     let mut everything = f.controller.logs();
     let events: Api<K8sEvent> = Api::namespaced(f.client.clone(), &f.ns);
