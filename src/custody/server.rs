@@ -250,7 +250,7 @@ impl CustodyService {
             .map_err(|refusal| refusal.presented_by(&claims))
     }
 
-    /// [`Self::resolve_inner`] once the pod token is verified.
+    /// The pod a Resolve names (None: it does not exist).
     async fn read_pod(&self, req: &pb::ResolveRequest) -> Result<Option<Pod>, Refusal> {
         self.metrics.pod_reads.inc();
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &req.pod_namespace);
@@ -259,6 +259,7 @@ impl CustodyService {
             .map_err(|e| Refusal::Unavailable(format!("reading the pod: {e}")))
     }
 
+    /// [`Self::resolve_inner`] once the pod token is verified.
     async fn resolve_verified(
         &self,
         req: &pb::ResolveRequest,
@@ -283,7 +284,7 @@ impl CustodyService {
         if claims.node_name.is_none() {
             let pod = self.read_pod(req).await?;
             check_pod_object(claims, pod.as_ref(), node)?;
-            pod_read = Some(pod);
+            pod_read = pod;
         }
 
         // Before the stores are read: the answer is at least this new.
@@ -331,28 +332,26 @@ impl CustodyService {
             .collect();
         if !proxied.is_empty() {
             let pod = match pod_read {
-                Some(pod) => pod,
+                Some(pod) => Some(pod),
                 None => self.read_pod(req).await?,
             };
-            check_pod_object(claims, pod.as_ref(), node)?;
+            let pod = check_pod_object(claims, pod.as_ref(), node)?;
             let names: Vec<String> = proxied.iter().map(|g| g.name_any()).collect();
             let current: Vec<GrantRules> = proxied.iter().map(|g| GrantRules::of(g)).collect();
-            if let Some(pod) = &pod {
-                proxy_pod::check(
-                    pod,
-                    &names,
-                    &current,
-                    &claims.namespace,
-                    &agent,
-                    &self.sidecar,
+            proxy_pod::check(
+                pod,
+                &names,
+                &current,
+                &claims.namespace,
+                &agent,
+                &self.sidecar,
+            )
+            .map_err(|e| {
+                Refusal::DeniedFor(
+                    Denial::new(DenyReason::NotTheProxySidecar, e.to_string()),
+                    Some(identity.clone()),
                 )
-                .map_err(|e| {
-                    Refusal::DeniedFor(
-                        Denial::new(DenyReason::NotTheProxySidecar, e.to_string()),
-                        Some(identity.clone()),
-                    )
-                })?;
-            }
+            })?;
         }
 
         let mut response = pb::ResolveResponse {
@@ -952,7 +951,11 @@ fn denial_status(denial: &Denial) -> Status {
 /// The token review is cached by the API server for a few seconds, so a
 /// deleted pod's token still passes; the Pod object itself must exist with
 /// the same UID, ServiceAccount and node.
-fn check_pod_object(claims: &TokenClaims, pod: Option<&Pod>, node: &str) -> Result<(), Refusal> {
+fn check_pod_object<'p>(
+    claims: &TokenClaims,
+    pod: Option<&'p Pod>,
+    node: &str,
+) -> Result<&'p Pod, Refusal> {
     let name = claims.pod_name.as_deref().unwrap_or_default();
     let pod = pod.ok_or_else(|| {
         Refusal::denied(
@@ -966,8 +969,10 @@ fn check_pod_object(claims: &TokenClaims, pod: Option<&Pod>, node: &str) -> Resu
             format!("pod {name:?} was replaced (UID differs)"),
         ));
     }
-    let spec = pod.spec.clone().unwrap_or_default();
-    let pod_node = spec.node_name.unwrap_or_default();
+    let spec = pod.spec.as_ref();
+    let pod_node = spec
+        .and_then(|s| s.node_name.as_deref())
+        .unwrap_or_default();
     if pod_node != node {
         return Err(Refusal::denied(
             DenyReason::WrongNode,
@@ -975,15 +980,15 @@ fn check_pod_object(claims: &TokenClaims, pod: Option<&Pod>, node: &str) -> Resu
         ));
     }
     let pod_sa = spec
-        .service_account_name
-        .unwrap_or_else(|| "default".to_owned());
+        .and_then(|s| s.service_account_name.as_deref())
+        .unwrap_or("default");
     if pod_sa != claims.service_account {
         return Err(Refusal::denied(
             DenyReason::TokenMismatch,
             "pod runs as another ServiceAccount",
         ));
     }
-    Ok(())
+    Ok(pod)
 }
 
 #[cfg(test)]
