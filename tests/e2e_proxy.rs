@@ -277,16 +277,7 @@ async fn an_injected_agent_calls_the_api_and_never_holds_the_key() {
     pods.create(&PostParams::default(), &thief).await.unwrap();
     let refused = Instant::now();
     loop {
-        let events = c.kubectl_ok(&[
-            "get",
-            "events",
-            "-n",
-            &ns,
-            "--field-selector",
-            "involvedObject.name=thief",
-            "-o",
-            "jsonpath={.items[*].message}",
-        ]);
+        let events = c.events_of(&ns, "thief");
         if events.contains("NotTheProxySidecar") {
             break;
         }

@@ -216,16 +216,7 @@ async fn a_pod_asking_for_a_writable_volume_is_told_to_set_read_only() {
     agent_pod(&client, &ns, "writable", None).await;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let events = c.kubectl_ok(&[
-            "get",
-            "events",
-            "-n",
-            &ns,
-            "--field-selector",
-            "involvedObject.name=writable",
-            "-o",
-            "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
-        ]);
+        let events = c.events_of(&ns, "writable");
         if events.contains("FailedMount") && events.contains("readOnly: true") {
             assert!(!events.contains(VALUE));
             break;

@@ -301,6 +301,14 @@ mod tests {
             .unwrap()
     }
 
+    fn mount_in_agent(pod: &mut Pod, volume: &str) {
+        pod.spec.as_mut().unwrap().containers[0].volume_mounts = Some(vec![VolumeMount {
+            name: volume.into(),
+            mount_path: "/mine".into(),
+            ..Default::default()
+        }]);
+    }
+
     #[test]
     fn the_injected_sidecar_passes() {
         assert_eq!(run(&injected(), &grant(&["api.openai.com"])), Ok(()));
@@ -309,12 +317,7 @@ mod tests {
     #[test]
     fn an_agent_container_mounting_the_values_is_refused() {
         let mut pod = injected();
-        let agent = &mut pod.spec.as_mut().unwrap().containers[0];
-        agent.volume_mounts = Some(vec![VolumeMount {
-            name: VALUES_VOLUME.into(),
-            mount_path: "/mine".into(),
-            ..Default::default()
-        }]);
+        mount_in_agent(&mut pod, VALUES_VOLUME);
         assert_eq!(
             run(&pod, &grant(&["api.openai.com"])),
             Err(ProxyPodError::MountedByOther("agent".into()))
@@ -334,11 +337,7 @@ mod tests {
             }),
             ..Default::default()
         });
-        spec.containers[0].volume_mounts = Some(vec![VolumeMount {
-            name: "mine".into(),
-            mount_path: "/mine".into(),
-            ..Default::default()
-        }]);
+        mount_in_agent(&mut pod, "mine");
         assert_eq!(
             run(&pod, &grant(&["api.openai.com"])),
             Err(ProxyPodError::MountedByOther("agent".into()))

@@ -226,6 +226,21 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The Events about object `name` in `ns`, one "reason: message" line
+    /// each (kubelet writes a pod's FailedMount here).
+    pub fn events_of(&self, ns: &str, name: &str) -> String {
+        self.kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+            "-o",
+            "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
+        ])
+    }
+
     /// `kubectl exec -n NS POD -c CONTAINER -- CMD…` (the pod's first container
     /// when `container` is None).
     pub fn exec(&self, ns: &str, pod: &str, container: Option<&str>, cmd: &[&str]) -> Output {
