@@ -587,10 +587,8 @@ async fn noop_resync_writes_nothing() {
         .controller
         .wait_for_log(|l| l.contains("metrics_addr"), WAIT)
         .await;
-    let addr = serde_json::from_str::<serde_json::Value>(&line).expect("json")["metrics_addr"]
-        .as_str()
-        .expect("addr")
-        .to_owned();
+    let addr = common::objects::log_field(&line, "metrics_addr");
+    assert!(!addr.is_empty(), "no metrics_addr in {line}");
     let metrics = wait_for_desc(
         "all objects reconciled by the new controller",
         WAIT,
@@ -818,10 +816,8 @@ async fn bulk_start_writes_each_identity_once_and_an_event_per_activation() {
         .controller
         .wait_for_log(|l| l.contains("metrics_addr"), WAIT)
         .await;
-    let addr = serde_json::from_str::<serde_json::Value>(&line).expect("json")["metrics_addr"]
-        .as_str()
-        .expect("addr")
-        .to_owned();
+    let addr = common::objects::log_field(&line, "metrics_addr");
+    assert!(!addr.is_empty(), "no metrics_addr in {line}");
     let body = reqwest_get(&format!("http://{addr}/metrics"))
         .await
         .expect("metrics");

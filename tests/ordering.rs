@@ -296,16 +296,21 @@ async fn an_answer_decided_before_a_revocation_never_mounts_the_revoked_key() {
     revoke_across_the_held_answer(&agent, &proxy, &plugin, publish).await;
 }
 
+/// Leader election among the test's replicas, with a short lease.
+fn lease_args(ns: &str) -> [&str; 5] {
+    [
+        "--leader-election",
+        "--lease-namespace",
+        ns,
+        "--lease-duration-seconds",
+        "4",
+    ]
+}
+
 #[tokio::test]
 async fn with_two_replicas_a_late_answer_from_one_never_undoes_the_others_revocation() {
     let agent = Agent::new("order-two").await;
-    let lease = [
-        "--leader-election",
-        "--lease-namespace",
-        &agent.ns,
-        "--lease-duration-seconds",
-        "4",
-    ];
+    let lease = lease_args(&agent.ns);
     let (streamer, streamer_addr) = start_controller_with_custody(&agent.ns, &lease).await;
     let (resolver, resolver_addr) = start_controller_with_custody(&agent.ns, &lease).await;
     agent.await_active().await;
@@ -336,13 +341,7 @@ async fn with_two_replicas_a_late_answer_from_one_never_undoes_the_others_revoca
 #[tokio::test]
 async fn a_refresh_answered_by_a_replica_whose_watches_lag_never_puts_a_withdrawn_key_back() {
     let agent = Agent::new("order-lag").await;
-    let lease = [
-        "--leader-election",
-        "--lease-namespace",
-        &agent.ns,
-        "--lease-duration-seconds",
-        "4",
-    ];
+    let lease = lease_args(&agent.ns);
     let (_streamer, streamer_addr) = start_controller_with_custody(&agent.ns, &lease).await;
     // The second replica reaches the API server through a proxy that can
     // freeze its watches while its requests (TokenReviews) still work.

@@ -17,8 +17,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::jiff::Timestamp;
 use rustls::RootCertStore;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
@@ -78,14 +77,10 @@ pub enum ReportError {
 /// A TLS client configuration trusting only `ca_pem`.
 fn client_config(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, ReportError> {
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        let cert = cert.map_err(|e| ReportError::Ca(e.to_string()))?;
+    for cert in super::ca_certificates(ca_pem).map_err(|e| ReportError::Ca(e.to_string()))? {
         roots
             .add(cert)
             .map_err(|e| ReportError::Ca(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(ReportError::Ca("no certificate in the CA PEM".into()));
     }
     let mut config = rustls::ClientConfig::builder_with_provider(super::crypto())
         .with_safe_default_protocol_versions()

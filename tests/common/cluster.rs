@@ -152,29 +152,24 @@ fn start() -> Result<Cluster, String> {
     })
 }
 
+/// The test upstream's PKI, shared with tests/proxy_support (test binaries
+/// that use both load the file twice: two private copies, by design).
+#[path = "../proxy_support/pki.rs"]
+#[allow(dead_code, clippy::unwrap_used, clippy::duplicate_mod)]
+mod pki;
+
 /// A CA and a serving certificate for [`UPSTREAM_HOSTS`] in `dir`; returns
 /// the CA file.
 fn write_upstream_pki(dir: &Path) -> Result<PathBuf, String> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let fail = |e: &dyn std::fmt::Display| format!("test upstream PKI: {e}");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail(&e))?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "scopehold real-node test upstream CA");
-    let ca_key = KeyPair::generate().map_err(|e| fail(&e))?;
-    let ca_cert = ca.self_signed(&ca_key).map_err(|e| fail(&e))?;
-    let issuer = Issuer::new(ca, ca_key);
-    let leaf =
-        CertificateParams::new(UPSTREAM_HOSTS.map(String::from).to_vec()).map_err(|e| fail(&e))?;
-    let key = KeyPair::generate().map_err(|e| fail(&e))?;
-    let cert = leaf.signed_by(&key, &issuer).map_err(|e| fail(&e))?;
-    std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+    let pki = pki::pki_for(&UPSTREAM_HOSTS);
+    let fail = |e: std::io::Error| format!("test upstream PKI in {}: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(fail)?;
     for (name, text) in [
-        ("ca.crt", ca_cert.pem()),
-        ("tls.crt", cert.pem()),
-        ("tls.key", key.serialize_pem()),
+        ("ca.crt", &pki.ca_pem),
+        ("tls.crt", &pki.cert_pem),
+        ("tls.key", &pki.key_pem),
     ] {
-        std::fs::write(dir.join(name), text).map_err(|e| fail(&e))?;
+        std::fs::write(dir.join(name), text).map_err(fail)?;
     }
     Ok(dir.join("ca.crt"))
 }
